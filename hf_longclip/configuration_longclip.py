@@ -1,0 +1,131 @@
+"""Configuration of the Long-CLIP model (248-token text encoder on a CLIP backbone)."""
+
+from __future__ import annotations
+
+from huggingface_hub.dataclasses import strict
+from transformers import CLIPConfig, CLIPTextConfig
+
+#: Text context length of a stock CLIP text encoder.
+CLIP_CONTEXT_LENGTH = 77
+#: Text context length Long-CLIP stretches to (77 -> 248 with keep 20, ratio 4).
+LONGCLIP_CONTEXT_LENGTH = 248
+
+
+def stretched_length(source_length: int, keep: int, ratio: int) -> int:
+    """Length of a position table stretched by knowledge-preserving stretching.
+
+    ``keep`` rows are copied and each of the remaining ``source_length - keep`` rows becomes ``ratio`` rows
+    (interpolated towards the next source row, the last one extrapolated), so the length is
+    ``keep + ratio * (source_length - keep)``; 77 rows with keep 20, ratio 4 give 248.
+    """
+    validate_stretch(source_length, keep, ratio)
+    return keep + ratio * (source_length - keep)
+
+
+def validate_stretch(source_length: int, keep: int, ratio: int, target_length: int | None = None) -> None:
+    """Raise ``ValueError`` for stretch settings the formula cannot realise (checked before any work)."""
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
+        raise ValueError(f"keep must be a non-negative integer, got {keep!r}")
+    if isinstance(ratio, bool) or not isinstance(ratio, int) or ratio < 1:
+        raise ValueError(f"ratio must be an integer >= 1, got {ratio!r}")
+    if not isinstance(source_length, int) or source_length < 2:
+        raise ValueError(f"source position table must have at least 2 rows, got {source_length!r}")
+    if keep >= source_length:
+        raise ValueError(
+            f"keep ({keep}) must be smaller than the source position table length ({source_length}); "
+            "nothing would be left to stretch"
+        )
+    if target_length is not None:
+        producible = keep + ratio * (source_length - keep)
+        if target_length != producible:
+            raise ValueError(
+                f"a {source_length}-row table stretched with keep={keep}, ratio={ratio} has {producible} rows, "
+                f"not the requested {target_length}; the formula can only produce keep + ratio * (source - keep) rows"
+            )
+
+
+@strict
+class LongCLIPConfig(CLIPConfig):
+    r"""
+    Configuration of a [`LongCLIPModel`]: a CLIP configuration whose text encoder has a stretched position table
+    (248 rows by default), plus the stretch geometry and Long-CLIP's loss settings.
+
+    Args:
+        text_config (`dict` or `CLIPTextConfig`, *optional*):
+            Text encoder settings. ``max_position_embeddings`` defaults to the stretched length (248).
+        vision_config (`dict` or `CLIPVisionConfig`, *optional*):
+            Image encoder settings.
+        projection_dim (`int`, *optional*, defaults to 512):
+            Size of the joint embedding space.
+        logit_scale_init_value (`float`, *optional*, defaults to 4.6052):
+            Initial ``logit_scale``; Long-CLIP resets it to ln(100) when fine-tuning starts.
+        source_max_position_embeddings (`int`, *optional*, defaults to 77):
+            Rows of the source CLIP's position table (what the stretch started from).
+        position_keep (`int`, *optional*, defaults to 20):
+            Leading source rows copied unchanged; during training they stay frozen.
+        position_ratio (`int`, *optional*, defaults to 4):
+            Each remaining source row becomes this many rows.
+        freeze_kept_positions (`bool`, *optional*, defaults to `True`):
+            Keep rows ``< position_keep`` of the position table exactly fixed while training.
+        long_loss_weight (`float`, *optional*, defaults to 1.0):
+            Weight of the long-caption InfoNCE term.
+        short_loss_weight (`float`, *optional*, defaults to 1.0):
+            Weight of the short-caption InfoNCE term (against the PCA reconstruction of image features).
+        pca_components (`int`, *optional*, defaults to 32):
+            Number of principal components kept for the short-caption image features.
+        label_smoothing (`float`, *optional*, defaults to 0.1):
+            Label smoothing of every cross-entropy term.
+
+    Example:
+
+    ```python
+    >>> from hf_longclip import LongCLIPConfig, LongCLIPModel
+    >>> config = LongCLIPConfig()  # ViT-B/32-shaped, 248 text positions
+    >>> config.text_config.max_position_embeddings
+    248
+    >>> model = LongCLIPModel(config)
+    ```
+    """
+
+    model_type = "longclip"
+
+    logit_scale_init_value: float | int | None = 4.6052
+    source_max_position_embeddings: int = CLIP_CONTEXT_LENGTH
+    position_keep: int = 20
+    position_ratio: int = 4
+    freeze_kept_positions: bool = True
+    long_loss_weight: float = 1.0
+    short_loss_weight: float = 1.0
+    pca_components: int = 32
+    label_smoothing: float = 0.1
+
+    def __post_init__(self, **kwargs):
+        # Reject the legacy `*_config_dict` keys: CLIPConfig would merge them over `text_config`, which silently
+        # resets a 248-row table to 77 rows when such a key is present.
+        for legacy in ("text_config_dict", "vision_config_dict"):
+            if kwargs.pop(legacy, None) is not None:
+                raise ValueError(f"`{legacy}` is not supported by LongCLIPConfig; pass `{legacy[:-5]}` instead")
+        target = stretched_length(self.source_max_position_embeddings, self.position_keep, self.position_ratio)
+        if self.text_config is None:
+            self.text_config = CLIPTextConfig(max_position_embeddings=target)
+        elif isinstance(self.text_config, dict) and "max_position_embeddings" not in self.text_config:
+            self.text_config = {**self.text_config, "max_position_embeddings": target}
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.pca_components < 1:
+            raise ValueError(f"pca_components must be >= 1, got {self.pca_components}")
+        super().__post_init__(**kwargs)
+        rows = self.text_config.max_position_embeddings
+        if rows != target:
+            raise ValueError(
+                f"text_config.max_position_embeddings is {rows}, but stretching {self.source_max_position_embeddings} "
+                f"rows with keep={self.position_keep}, ratio={self.position_ratio} gives {target}"
+            )
+
+    @property
+    def stretched_max_position_embeddings(self) -> int:
+        """Length the stretch formula gives for this config's source length, keep and ratio."""
+        return stretched_length(self.source_max_position_embeddings, self.position_keep, self.position_ratio)
+
+
+__all__ = ["LongCLIPConfig", "stretched_length", "validate_stretch", "CLIP_CONTEXT_LENGTH", "LONGCLIP_CONTEXT_LENGTH"]

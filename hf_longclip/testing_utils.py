@@ -1,0 +1,77 @@
+"""Tiny models and processors built from configs, for tests, benchmarks and offline demos (no Hub access)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
+
+from .data.tokenizer import build_clip_tokenizer
+from .processing_longclip import LongCLIPProcessor
+
+#: Words the tiny tokenizer knows as whole tokens (others fall back to byte-level pieces).
+DEFAULT_WORDS = (
+    "a an the image shows photo of in on at to and with is are next left right top bottom middle center "
+    "red green blue yellow purple orange white black cyan pink small large big circle square triangle "
+    "dog cat man woman car tree house sky grass table chair sitting standing leaning against near front back"
+).split()
+
+
+def tiny_clip_config(
+    vocab_size: int = 600,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    projection_dim: int = 16,
+    image_size: int = 32,
+    patch_size: int = 8,
+    max_position_embeddings: int = 77,
+    eos_token_id: int | None = None,
+) -> CLIPConfig:
+    """A small stock `CLIPConfig` (77 text positions by default) with a tokenizer-compatible vocabulary."""
+    eos = vocab_size - 1 if eos_token_id is None else eos_token_id
+    return CLIPConfig(
+        text_config=dict(
+            vocab_size=vocab_size,
+            hidden_size=hidden_size,
+            intermediate_size=4 * hidden_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            max_position_embeddings=max_position_embeddings,
+            bos_token_id=eos - 1,
+            eos_token_id=eos,
+            pad_token_id=eos,
+        ),
+        vision_config=dict(
+            hidden_size=hidden_size,
+            intermediate_size=4 * hidden_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            image_size=image_size,
+            patch_size=patch_size,
+        ),
+        projection_dim=projection_dim,
+    )
+
+
+def tiny_processor(
+    words: Iterable[str] = DEFAULT_WORDS, image_size: int = 32, max_length: int = 248
+) -> LongCLIPProcessor:
+    """A `LongCLIPProcessor` with a locally built tokenizer and a PIL image processor at `image_size`."""
+    tokenizer = build_clip_tokenizer(words, model_max_length=max_length)
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    return LongCLIPProcessor.from_parts(image_processor, tokenizer, max_length)
+
+
+def tiny_clip(seed: int = 0, processor: LongCLIPProcessor | None = None, **config_kwargs) -> CLIPModel:
+    """A randomly initialised tiny stock `CLIPModel` whose vocabulary matches `processor` (or the default one)."""
+    processor = processor or tiny_processor()
+    config_kwargs.setdefault("vocab_size", len(processor.tokenizer))
+    torch.manual_seed(seed)
+    return CLIPModel(tiny_clip_config(**config_kwargs)).eval()
+
+
+__all__ = ["DEFAULT_WORDS", "tiny_clip", "tiny_clip_config", "tiny_processor"]
