@@ -252,6 +252,37 @@ class LongCLIPModel(CLIPModel):
         hidden = self.vision_model(pixel_values=pixel_values).last_hidden_state
         return self.visual_projection(self.vision_model.post_layernorm(hidden))
 
+    # ------------------------------------------------------------------ retrieval scoring interface
+    # Evaluation talks to every variant through these three methods: features are computed per batch, concatenated
+    # along dim 0 by the caller, then scored. Variants with fine-grained scores override them and accept more
+    # `scoring` modes; the base model supports "global" (cosine of CLS and EOT embeddings).
+    retrieval_scorings: tuple[str, ...] = ("global",)
+
+    def _check_scoring(self, scoring: str) -> None:
+        if scoring not in self.retrieval_scorings:
+            raise ValueError(
+                f"{type(self).__name__} supports scoring {self.retrieval_scorings}, not {scoring!r}"
+            )
+
+    def retrieval_image_features(self, pixel_values: torch.Tensor, scoring: str = "global") -> dict[str, torch.Tensor]:
+        """Per-image features needed by `retrieval_scores` (a dict of tensors with the images on dim 0)."""
+        self._check_scoring(scoring)
+        return {"image_embeds": self.encode_image(pixel_values)}
+
+    def retrieval_text_features(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, scoring: str = "global"
+    ) -> dict[str, torch.Tensor]:
+        """Per-text features needed by `retrieval_scores` (a dict of tensors with the texts on dim 0)."""
+        self._check_scoring(scoring)
+        return {"text_embeds": self.encode_text(input_ids, attention_mask)}
+
+    def retrieval_scores(
+        self, image_features: dict[str, torch.Tensor], text_features: dict[str, torch.Tensor], scoring: str = "global"
+    ) -> torch.Tensor:
+        """Similarity matrix `(num_images, num_texts)`; higher is more similar."""
+        self._check_scoring(scoring)
+        return image_features["image_embeds"] @ text_features["text_embeds"].t()
+
     # ------------------------------------------------------------------ training forward
     def forward(
         self,
