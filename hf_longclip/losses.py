@@ -112,7 +112,7 @@ def pca_reconstruct(features: torch.Tensor, components: int) -> torch.Tensor:
     """Project a batch of features onto its first ``components`` principal components (and add the mean back).
 
     Long-CLIP's "primary component matching": ``X = f - mean(f)``, ``X = U S V^T``, result ``X V_k V_k^T + mean``,
-    computed in fp32, not re-normalised, with gradient through the SVD. When the batch has no more than
+    computed in at least fp32, not re-normalised, with gradient through the SVD. When the batch has no more than
     ``components`` rows the projection keeps every direction, so the features are returned unchanged (no SVD).
     """
     if features.dim() != 2:
@@ -120,7 +120,9 @@ def pca_reconstruct(features: torch.Tensor, components: int) -> torch.Tensor:
     if features.shape[0] <= components:
         return features
     mean = features.mean(dim=0, keepdim=True)
-    centred = (features - mean).float()
+    centred = features - mean
+    if centred.dtype in (torch.float16, torch.bfloat16):  # SVD in half precision is unsupported / inaccurate
+        centred = centred.float()
     _, _, vh = torch.linalg.svd(centred, full_matrices=False)
     basis = vh[:components].t()
     return (centred @ basis @ basis.t()).to(features.dtype) + mean

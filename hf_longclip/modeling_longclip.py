@@ -88,19 +88,25 @@ class FrozenPrefixEmbedding(nn.Embedding):
             raise ValueError(f"keep ({keep}) must be in [0, {num_embeddings})")
         self.keep = keep
         self.register_buffer("frozen_rows", torch.zeros(keep, embedding_dim), persistent=False)
+        # Loaders may materialise the (non-persistent) snapshot after the weights, or leave it uninitialised:
+        # until `sync_frozen_rows` runs, the weight itself is the truth and the first forward takes the snapshot.
+        self._needs_sync = True
         self._register_state_dict_hook(FrozenPrefixEmbedding._merge_into_state_dict)
         self.register_load_state_dict_post_hook(FrozenPrefixEmbedding._after_load)
 
     @torch.no_grad()
     def sync_frozen_rows(self) -> None:
         """Take ``weight[:keep]`` as the frozen rows (after loading or editing the table)."""
-        if self.keep and self.weight.device.type != "meta":
+        if self.weight.device.type != "meta":
             self.frozen_rows = self.weight[: self.keep].detach().clone()
+            self._needs_sync = False
 
     def effective_weight(self) -> torch.Tensor:
         """The table the forward uses: frozen rows, then the trainable rows."""
         if not self.keep:
             return self.weight
+        if self._needs_sync:
+            self.sync_frozen_rows()
         return torch.cat([self.frozen_rows.to(self.weight.dtype), self.weight[self.keep :]], dim=0)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -109,7 +115,7 @@ class FrozenPrefixEmbedding(nn.Embedding):
     @staticmethod
     def _merge_into_state_dict(module, state_dict, prefix, local_metadata):
         key = prefix + "weight"
-        if module.keep and key in state_dict and module.frozen_rows.device.type != "meta":
+        if module.keep and key in state_dict and not module._needs_sync:
             weight = state_dict[key]
             state_dict[key] = torch.cat([module.frozen_rows.to(weight.dtype), weight[module.keep :].detach()], dim=0)
         return state_dict
@@ -442,14 +448,29 @@ class LongCLIPModel(CLIPModel):
                 config_dict = {}
             if config_dict.get("model_type") == "clip":
                 return cls.from_clip(pretrained_model_name_or_path, **kwargs)
-        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        expected = model.config.text_config.max_position_embeddings
-        actual = model.text_model.embeddings.position_embedding.weight.shape[0]
-        if actual != expected:  # defensive: transformers normally refuses a mismatched table itself
-            raise ValueError(
-                f"position table has {actual} rows; expected {expected} (or a {model.config.source_max_position_embeddings}-row source table)"
-            )
-        return model
+        # Load with mismatches allowed so that a wrong position table gets an error naming both sizes
+        # (transformers' own error only points at a log report); other mismatches still raise unless asked.
+        allow_mismatch = kwargs.pop("ignore_mismatched_sizes", False)
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(
+            pretrained_model_name_or_path, *args, ignore_mismatched_sizes=True, output_loading_info=True, **kwargs
+        )
+        mismatched = list(info.get("mismatched_keys", []))
+        for key, checkpoint_shape, model_shape in mismatched:
+            if key.endswith(TEXT_POSITION_KEY):
+                raise ValueError(
+                    f"the checkpoint's text position table has {checkpoint_shape[0]} rows, but this configuration "
+                    f"expects {model_shape[0]} (stretched from {model.config.source_max_position_embeddings} with "
+                    f"keep={model.config.position_keep}, ratio={model.config.position_ratio}); a stock "
+                    f"{model.config.source_max_position_embeddings}-row CLIP is stretched with LongCLIPModel.from_clip"
+                )
+        if mismatched and not allow_mismatch:
+            details = ", ".join(f"{k}: checkpoint {tuple(a)} vs model {tuple(b)}" for k, a, b in mismatched)
+            raise ValueError(f"checkpoint shapes do not match the configuration: {details}")
+        for module in model.modules():
+            if isinstance(module, FrozenPrefixEmbedding):
+                module.sync_frozen_rows()
+        return (model, info) if want_info else model
 
     # ------------------------------------------------------------------ export
     def merged_state_dict(self) -> dict[str, torch.Tensor]:
@@ -469,8 +490,9 @@ class LongCLIPModel(CLIPModel):
         if with_projection:
             model = CLIPTextModelWithProjection(text_config)
             state["text_projection.weight"] = self.text_projection.weight.detach()
-        else:
+        else:  # CLIPTextModel holds the text tower at its root, without the `text_model.` prefix
             model = CLIPTextModel(text_config)
+            state = {k[len("text_model.") :]: v for k, v in state.items()}
         model = model.to(dtype=self.dtype)
         model.load_state_dict(state, strict=True)
         return model.eval()
@@ -478,7 +500,7 @@ class LongCLIPModel(CLIPModel):
     def to_vision_model(self) -> CLIPVisionModel:
         """A stock `CLIPVisionModel` with this model's image tower."""
         model = CLIPVisionModel(self.config.vision_config).to(dtype=self.dtype)
-        state = {k: v for k, v in self._shared_state().items() if k.startswith("vision_model.")}
+        state = {k[len("vision_model.") :]: v for k, v in self._shared_state().items() if k.startswith("vision_model.")}
         model.load_state_dict(state, strict=True)
         return model.eval()
 

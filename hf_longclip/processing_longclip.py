@@ -30,9 +30,6 @@ class LongCLIPProcessor(CLIPProcessor):
     ```
     """
 
-    tokenizer_class = "CLIPTokenizer"
-    image_processor_class = "CLIPImageProcessorPil"
-
     def __init__(self, image_processor=None, tokenizer=None, **kwargs):
         super().__init__(image_processor, tokenizer, **kwargs)
 
