@@ -11,7 +11,9 @@ from transformers import (
     AutoProcessor,
 )
 
+from .configuration_betaclip import BetaCLIPConfig
 from .configuration_longclip import LongCLIPConfig, stretched_length
+from .modeling_betaclip import BetaCLIPModel, BetaCLIPOutput, TextConditionedPooler
 from .modeling_longclip import (
     FrozenPrefixEmbedding,
     LongCLIPModel,
@@ -35,9 +37,14 @@ def _register(config_cls, model_cls) -> None:
 
 
 _register(LongCLIPConfig, LongCLIPModel)
+_register(BetaCLIPConfig, BetaCLIPModel)
 LongCLIPProcessor.register_for_auto_class("AutoProcessor")
 
 __all__ = [
+    "BetaCLIPConfig",
+    "BetaCLIPModel",
+    "BetaCLIPOutput",
+    "TextConditionedPooler",
     "FrozenPrefixEmbedding",
     "LongCLIPConfig",
     "LongCLIPModel",

@@ -1,0 +1,239 @@
+"""beta-CAL: the beta-contextualised alignment loss of beta-CLIP (Zohra et al., CVPR 2026).
+
+Every image ``b`` is conditioned on each of its ``K`` query texts (caption, sentences, phrases), giving the
+conditioned image embeddings ``z[b, k]`` that are paired with the text embeddings ``u[b, k]``. Flattening the
+``B x K`` slots to ``N = B*K`` rows, ``S = s * Z U^T`` (``N x N``, ``s = exp(logit_scale)``) scores every conditioned
+image against every query text of the batch. The targets credit the slot's own text fully (weight ``alpha``) and the
+other texts of the *same* image partially (weight ``beta``): ``W = alpha * I_N + beta * (G - I_N)`` with
+``G = I_B (x) 1_{KxK}``.
+
+Two forms, both symmetric (image->text rows of ``S`` and text->image rows of ``S^T``, averaged):
+
+* **CE** (`beta_cal_ce_loss`): soft-target cross-entropy with ``W * m m^T`` row-normalised to a distribution, mean
+  over valid rows.
+* **BCE** (`beta_cal_bce_loss`): binary cross-entropy with hard labels ``G * m m^T`` and element weights 1, ``beta`` on
+  same-image off-diagonal pairs, 0 on pairs that touch an invalid slot.
+
+Validity masks ``m`` (``(B, K)``, True = real query) remove padded slots. Two behaviours of the authors' code are
+reproducible by flags, and the clean behaviour is the default:
+
+* ``mask_invalid_columns=False`` (CE): padded slots stay in every softmax denominator as extra negatives; the
+  authors' code does this (their padded query rows are encoded texts too). Default True: padded slots are removed.
+* ``mean_over_all_pairs=True`` (BCE): the weighted sum is divided by ``N^2`` (all entries, zero-weight ones
+  included), as ``F.binary_cross_entropy_with_logits``'s default mean does in the authors' code. Default False: divided
+  by the number of valid pairs ``(sum m)^2``, so the loss scale does not depend on how many slots are padded.
+
+The loss is local to the process (the authors do not gather across GPUs for beta-CAL). A batch without any valid
+slot gives a zero loss that still carries a (zero) gradient, never NaN.
+
+This file is copied next to saved models for ``trust_remote_code`` loading, so it imports only torch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BETA_CAL_MODES = ("ce", "bce")
+
+
+def same_image_indicator(num_images: int, slots: int, device=None) -> torch.Tensor:
+    """``G = I_B (x) 1_{KxK}`` as a bool `(B*K, B*K)` matrix: True where two slots belong to the same image."""
+    owner = torch.arange(num_images * slots, device=device) // max(slots, 1)
+    return owner[:, None] == owner[None, :]
+
+
+def beta_cal_target_weights(
+    mask: torch.Tensor, alpha: float = 1.0, beta: float = 0.5, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Unnormalised CE target weights ``W = (alpha I + beta (G - I)) * m m^T`` of shape `(B*K, B*K)`.
+
+    Args:
+        mask (`torch.BoolTensor` of shape `(B, K)`): validity of each query slot.
+        alpha (`float`): weight of a slot's own text.
+        beta (`float`): weight of the other texts of the same image.
+    """
+    num_images, slots = mask.shape
+    valid = mask.reshape(-1).to(dtype)
+    same = same_image_indicator(num_images, slots, mask.device).to(dtype)
+    eye = torch.eye(num_images * slots, dtype=dtype, device=mask.device)
+    weights = alpha * eye + beta * (same - eye)
+    return weights * valid[:, None] * valid[None, :]
+
+
+def _flatten(image_embeds: torch.Tensor, text_embeds: torch.Tensor, mask: torch.Tensor | None):
+    if image_embeds.shape != text_embeds.shape or image_embeds.dim() != 3:
+        raise ValueError(
+            "expected conditioned image and text embeddings of the same (B, K, D) shape, got "
+            f"{tuple(image_embeds.shape)} and {tuple(text_embeds.shape)}"
+        )
+    num_images, slots, dim = image_embeds.shape
+    if mask is None:
+        mask = torch.ones(num_images, slots, dtype=torch.bool, device=image_embeds.device)
+    if mask.shape != (num_images, slots):
+        raise ValueError(f"mask must have shape {(num_images, slots)}, got {tuple(mask.shape)}")
+    mask = mask.to(device=image_embeds.device, dtype=torch.bool)
+    z = F.normalize(image_embeds.reshape(-1, dim), dim=-1)
+    u = F.normalize(text_embeds.reshape(-1, dim), dim=-1)
+    return z, u, mask
+
+
+def _zero_loss(*tensors: torch.Tensor) -> torch.Tensor:
+    # Keeps every input in the graph (DDP with unused-parameter checks, gradient accumulation) without NaN.
+    return sum(t.sum() for t in tensors) * 0.0
+
+
+def beta_cal_ce_loss(
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    mask: torch.Tensor | None,
+    logit_scale: torch.Tensor,
+    alpha: float = 1.0,
+    beta: float = 0.5,
+    mask_invalid_columns: bool = True,
+) -> torch.Tensor:
+    """beta-CAL, cross-entropy form with soft targets.
+
+    ``L = 1/2 [ mean_{valid n} -sum_m W~[n,m] log softmax_m(S[n]) + the same with S^T ]`` where ``W~`` is
+    `beta_cal_target_weights` row-normalised (rows summing to 0 give zero targets, as the authors' clamp does).
+
+    Args:
+        image_embeds (`torch.FloatTensor` of shape `(B, K, D)`): text-conditioned image embeddings (normalised here).
+        text_embeds (`torch.FloatTensor` of shape `(B, K, D)`): the query text embeddings (normalised here).
+        mask (`torch.BoolTensor` of shape `(B, K)`, *optional*): valid query slots; all valid when None.
+        logit_scale (`torch.Tensor` of shape `()`): the *log* temperature; logits use ``exp(logit_scale)``.
+        alpha (`float`): target weight of the slot's own text.
+        beta (`float`): target weight of the same image's other texts; ``beta=0`` gives per-slot InfoNCE.
+        mask_invalid_columns (`bool`): drop padded slots from the softmax denominators (default). False keeps them
+            as negatives, the authors' behaviour.
+
+    Returns:
+        `torch.FloatTensor` of shape `()`.
+    """
+    z, u, mask = _flatten(image_embeds, text_embeds, mask)
+    valid = mask.reshape(-1)
+    if not bool(valid.any()):
+        return _zero_loss(z, u, logit_scale)
+    scale = logit_scale.exp()
+    weights = beta_cal_target_weights(mask, alpha, beta, dtype=z.dtype)
+    rows = valid.nonzero(as_tuple=True)[0]
+    # Only valid rows enter the mean, so only they are computed; with masked columns only valid columns either
+    # (identical to filling the padded logits with -inf, without the N x N work).
+    cols = rows if mask_invalid_columns else torch.arange(valid.numel(), device=valid.device)
+    targets = weights[rows][:, cols]
+    targets = targets / targets.sum(dim=-1, keepdim=True).clamp(min=1e-8)
+    logits_image = scale * z[rows] @ u[cols].t()  # conditioned image n vs every text m
+    logits_text = scale * u[rows] @ z[cols].t()  # text n vs every conditioned image m
+    loss_image = -(targets * F.log_softmax(logits_image, dim=-1)).sum(dim=-1).mean()
+    loss_text = -(targets * F.log_softmax(logits_text, dim=-1)).sum(dim=-1).mean()
+    return 0.5 * (loss_image + loss_text)
+
+
+def beta_cal_bce_loss(
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    mask: torch.Tensor | None,
+    logit_scale: torch.Tensor,
+    beta: float = 0.5,
+    mean_over_all_pairs: bool = False,
+) -> torch.Tensor:
+    """beta-CAL, binary cross-entropy form with beta-weighted same-image positives (no learnable bias).
+
+    Labels ``Y = G * m m^T`` (every same-image pair is a positive); element weights ``w`` = 1 on the diagonal and on
+    other-image pairs, ``beta`` on same-image off-diagonal pairs, times ``m m^T``.
+    ``L = 1/2 [sum w * bce(S, Y) + sum w * bce(S^T, Y)] / denominator``.
+
+    Args:
+        image_embeds (`torch.FloatTensor` of shape `(B, K, D)`): text-conditioned image embeddings (normalised here).
+        text_embeds (`torch.FloatTensor` of shape `(B, K, D)`): the query text embeddings (normalised here).
+        mask (`torch.BoolTensor` of shape `(B, K)`, *optional*): valid query slots; all valid when None.
+        logit_scale (`torch.Tensor` of shape `()`): the *log* temperature; logits use ``exp(logit_scale)``.
+        beta (`float`): loss weight of same-image off-diagonal positives (clamped at 0, as the authors do).
+        mean_over_all_pairs (`bool`): denominator ``N^2 = (B*K)^2`` including zero-weight entries (the authors'
+            behaviour). Default False: the number of valid pairs ``(sum m)^2``.
+
+    Returns:
+        `torch.FloatTensor` of shape `()`.
+    """
+    z, u, mask = _flatten(image_embeds, text_embeds, mask)
+    valid = mask.reshape(-1)
+    count = int(valid.sum())
+    if count == 0:
+        return _zero_loss(z, u, logit_scale)
+    num_images, slots = mask.shape
+    rows = valid.nonzero(as_tuple=True)[0]
+    # Entries touching an invalid slot have weight 0 (and the authors' -1e9 column fill makes their bce 0 too), so
+    # only the valid sub-matrix contributes to the sum; the two modes differ only in the denominator.
+    same = same_image_indicator(num_images, slots, z.device)[rows][:, rows]
+    labels = same.to(z.dtype)
+    weights = torch.ones_like(labels)
+    weights = weights.masked_fill(same, max(float(beta), 0.0))
+    weights.fill_diagonal_(1.0)
+    scale = logit_scale.exp()
+    logits_image = scale * z[rows] @ u[rows].t()
+    logits_text = scale * u[rows] @ z[rows].t()
+    total = F.binary_cross_entropy_with_logits(logits_image, labels, weight=weights, reduction="sum")
+    total = total + F.binary_cross_entropy_with_logits(logits_text, labels, weight=weights, reduction="sum")
+    denominator = float(valid.numel()) ** 2 if mean_over_all_pairs else float(count) ** 2
+    return 0.5 * total / denominator
+
+
+class BetaCALoss(nn.Module):
+    """beta-CAL as a module: picks the CE or BCE form and holds its settings.
+
+    Args:
+        mode (`str`): ``"ce"`` (soft-target cross-entropy) or ``"bce"`` (beta-weighted binary cross-entropy).
+        alpha (`float`): CE weight of a slot's own text (BCE always uses 1).
+        beta (`float`): weight of the same image's other texts.
+        mask_invalid_columns (`bool`): CE only; see `beta_cal_ce_loss`.
+        mean_over_all_pairs (`bool`): BCE only; see `beta_cal_bce_loss`.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> loss_fn = BetaCALoss("ce", beta=0.5)
+    >>> z, u = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
+    >>> loss = loss_fn(z, u, torch.ones(2, 3, dtype=torch.bool), torch.tensor(2.659))
+    ```
+    """
+
+    def __init__(
+        self,
+        mode: str = "ce",
+        alpha: float = 1.0,
+        beta: float = 0.5,
+        mask_invalid_columns: bool = True,
+        mean_over_all_pairs: bool = False,
+    ):
+        super().__init__()
+        if mode not in BETA_CAL_MODES:
+            raise ValueError(f"beta-CAL mode must be one of {BETA_CAL_MODES}, got {mode!r}")
+        self.mode = mode
+        self.alpha = alpha
+        self.beta = beta
+        self.mask_invalid_columns = mask_invalid_columns
+        self.mean_over_all_pairs = mean_over_all_pairs
+
+    def forward(
+        self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, mask: torch.Tensor | None, logit_scale: torch.Tensor
+    ) -> torch.Tensor:
+        if self.mode == "ce":
+            return beta_cal_ce_loss(
+                image_embeds, text_embeds, mask, logit_scale, self.alpha, self.beta, self.mask_invalid_columns
+            )
+        return beta_cal_bce_loss(image_embeds, text_embeds, mask, logit_scale, self.beta, self.mean_over_all_pairs)
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode!r}, alpha={self.alpha}, beta={self.beta}"
+
+
+__all__ = [
+    "BETA_CAL_MODES",
+    "BetaCALoss",
+    "beta_cal_bce_loss",
+    "beta_cal_ce_loss",
+    "beta_cal_target_weights",
+    "same_image_indicator",
+]
