@@ -1,6 +1,7 @@
 """Data: tokenizers built locally, synthetic demo data, per-variant collators."""
 
 from .collate import LongCLIPCollator
+from .collate_betaclip import BetaCLIPCollator
 from .tokenizer import build_clip_tokenizer
 
-__all__ = ["LongCLIPCollator", "build_clip_tokenizer"]
+__all__ = ["BetaCLIPCollator", "LongCLIPCollator", "build_clip_tokenizer"]
