@@ -20,6 +20,8 @@ from .modeling_longclip import (
     LongCLIPOutput,
     stretch_position_embeddings,
 )
+from .configuration_mulclip import MulCLIPConfig
+from .modeling_mulclip import MulCLIPModel, MulCLIPOutput
 from .processing_longclip import LongCLIPProcessor
 
 __version__ = "0.1.0"
@@ -38,9 +40,13 @@ def _register(config_cls, model_cls) -> None:
 
 _register(LongCLIPConfig, LongCLIPModel)
 _register(BetaCLIPConfig, BetaCLIPModel)
+_register(MulCLIPConfig, MulCLIPModel)
 LongCLIPProcessor.register_for_auto_class("AutoProcessor")
 
 __all__ = [
+    "MulCLIPConfig",
+    "MulCLIPModel",
+    "MulCLIPOutput",
     "BetaCLIPConfig",
     "BetaCLIPModel",
     "BetaCLIPOutput",

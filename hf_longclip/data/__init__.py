@@ -2,6 +2,7 @@
 
 from .collate import LongCLIPCollator
 from .collate_betaclip import BetaCLIPCollator
+from .collate_mulclip import MulCLIPCollator
 from .tokenizer import build_clip_tokenizer
 
-__all__ = ["BetaCLIPCollator", "LongCLIPCollator", "build_clip_tokenizer"]
+__all__ = ["MulCLIPCollator", "BetaCLIPCollator", "LongCLIPCollator", "build_clip_tokenizer"]
