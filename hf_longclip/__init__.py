@@ -21,6 +21,8 @@ from .modeling_longclip import (
     stretch_position_embeddings,
 )
 from .configuration_mulclip import MulCLIPConfig
+from .configuration_finelip import FineLIPConfig
+from .modeling_finelip import FineLIPModel, FineLIPOutput
 from .modeling_mulclip import MulCLIPModel, MulCLIPOutput
 from .processing_longclip import LongCLIPProcessor
 
@@ -41,9 +43,13 @@ def _register(config_cls, model_cls) -> None:
 _register(LongCLIPConfig, LongCLIPModel)
 _register(BetaCLIPConfig, BetaCLIPModel)
 _register(MulCLIPConfig, MulCLIPModel)
+_register(FineLIPConfig, FineLIPModel)
 LongCLIPProcessor.register_for_auto_class("AutoProcessor")
 
 __all__ = [
+    "FineLIPConfig",
+    "FineLIPModel",
+    "FineLIPOutput",
     "MulCLIPConfig",
     "MulCLIPModel",
     "MulCLIPOutput",

@@ -3,6 +3,7 @@
 from .collate import LongCLIPCollator
 from .collate_betaclip import BetaCLIPCollator
 from .collate_mulclip import MulCLIPCollator
+from .collate_finelip import FineLIPCollator
 from .tokenizer import build_clip_tokenizer
 
-__all__ = ["MulCLIPCollator", "BetaCLIPCollator", "LongCLIPCollator", "build_clip_tokenizer"]
+__all__ = ["FineLIPCollator", "MulCLIPCollator", "BetaCLIPCollator", "LongCLIPCollator", "build_clip_tokenizer"]
