@@ -24,6 +24,8 @@ from .configuration_mulclip import MulCLIPConfig
 from .configuration_finelip import FineLIPConfig
 from .modeling_finelip import FineLIPModel, FineLIPOutput
 from .modeling_mulclip import MulCLIPModel, MulCLIPOutput
+from .configuration_fixclip import FixCLIPConfig
+from .modeling_fixclip import FixCLIPModel, FixCLIPOutput
 from .processing_longclip import LongCLIPProcessor
 
 __version__ = "0.1.0"
@@ -41,12 +43,16 @@ def _register(config_cls, model_cls) -> None:
 
 
 _register(LongCLIPConfig, LongCLIPModel)
+_register(FixCLIPConfig, FixCLIPModel)
 _register(BetaCLIPConfig, BetaCLIPModel)
 _register(MulCLIPConfig, MulCLIPModel)
 _register(FineLIPConfig, FineLIPModel)
 LongCLIPProcessor.register_for_auto_class("AutoProcessor")
 
 __all__ = [
+    "FixCLIPConfig",
+    "FixCLIPModel",
+    "FixCLIPOutput",
     "FineLIPConfig",
     "FineLIPModel",
     "FineLIPOutput",
