@@ -472,6 +472,12 @@ def long_prompt_sdxl_pipeline(
     if isinstance(base, (str, os.PathLike)):
         if pipeline_class is None:
             from diffusers import StableDiffusionXLPipeline as pipeline_class
+        # Check widths from the base's configs before loading the (large) pipeline.
+        hub_kwargs = {k: from_pretrained_kwargs[k] for k in _HUB_KWARGS if k in from_pretrained_kwargs}
+        for name, encoder in (("text_encoder", long_1), ("text_encoder_2", long_2)):
+            if encoder is not None:
+                base_config = CLIPTextConfig.from_pretrained(base, subfolder=name, **hub_kwargs)
+                _check_width(name, encoder, base_config.hidden_size, f"the base pipeline's {name}")
         overrides = {k: v for k, v in (("text_encoder", long_1), ("text_encoder_2", long_2)) if v is not None}
         pipe = pipeline_class.from_pretrained(base, **overrides, **from_pretrained_kwargs)
         base_encoder_1 = None  # the base's encoder 1 was not loaded when replaced; its width is checked via the UNet
@@ -540,12 +546,8 @@ def _token_bodies(pipe: Any, tokenizer: CLIPTokenizer, prompts: list[str]) -> li
     """Token ids of each prompt without start / end tokens and without truncation."""
     if hasattr(pipe, "maybe_convert_prompt"):  # textual inversion multi-vector tokens, as diffusers does
         prompts = pipe.maybe_convert_prompt(prompts, tokenizer)
-    # The "longer than the maximum" warning is moot here (windows are cut below); transformers warns once per
-    # tokenizer and records that in `deprecation_warnings`.
-    warned = getattr(tokenizer, "deprecation_warnings", None)
-    if isinstance(warned, dict):
-        warned.setdefault("sequence-length-is-longer-than-the-specified-maximum", True)
-    return tokenizer(prompts, add_special_tokens=False, truncation=False).input_ids
+    # verbose=False: the "longer than the maximum length" warning is moot, the windows are cut below.
+    return tokenizer(prompts, add_special_tokens=False, truncation=False, verbose=False).input_ids
 
 
 def _windows(tokenizer: CLIPTokenizer, body: list[int], count: int) -> list[list[int]]:
