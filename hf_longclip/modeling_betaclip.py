@@ -271,6 +271,22 @@ class BetaCLIPModel(LongCLIPModel):
         self.logit_scale.clamp_(0.0, MAX_LOGIT_SCALE)
         self.text_conditioned_pooler.logit_scale.clamp_(0.0, MAX_LOGIT_SCALE)
 
+    def enable_text_gradient_checkpointing(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Recompute the text tower's activations in the backward pass, and only the text tower's.
+
+        beta-CLIP encodes up to ``1 + 5 + 30`` texts per image, so text activations dominate training memory; the
+        authors checkpoint the text tower only. (``gradient_checkpointing_enable()`` checkpoints both towers.)
+        """
+        kwargs = {"use_reentrant": False} if gradient_checkpointing_kwargs is None else gradient_checkpointing_kwargs
+        # transformers >= 5.x names it `activation_checkpointing_enable` (the old name warns)
+        if hasattr(self, "activation_checkpointing_enable"):
+            self.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            self.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        for module in self.vision_model.modules():
+            if hasattr(module, "gradient_checkpointing"):
+                module.gradient_checkpointing = False
+
     # ------------------------------------------------------------------ image side
     def get_image_tokens(
         self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False

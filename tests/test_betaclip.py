@@ -3,6 +3,9 @@ multi-granular text encoding, save/load/export, retrieval scoring and bad inputs
 
 import json
 import math
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -428,3 +431,85 @@ def test_config_validation():
         BetaCLIPConfig(projection_dim=20, pooler_num_heads=8)
     with pytest.raises(ValueError, match="text_length_buckets"):
         BetaCLIPConfig(text_length_buckets=0)
+
+
+# ---------------------------------------------------------------------------------------------- two processes
+
+
+def _global_loss_worker(result_path):
+    import torch.distributed as dist
+    from accelerate import Accelerator
+
+    from hf_longclip.modeling_betaclip import global_contrastive_loss
+
+    accelerator = Accelerator(cpu=True)
+    rank = accelerator.process_index
+    torch.manual_seed(11)
+    images, texts = F.normalize(torch.randn(6, 8), dim=-1), F.normalize(torch.randn(6, 8), dim=-1)
+    rows = slice(0, 3) if rank == 0 else slice(3, 6)
+    out = {}
+    for with_grad in (False, True):
+        img = images[rows].clone().requires_grad_()
+        txt = texts[rows].clone().requires_grad_()
+        loss = global_contrastive_loss(img, txt, torch.tensor(2.0), gather_with_grad=with_grad)
+        loss.backward()
+        mean_loss = loss.detach().clone()
+        dist.all_reduce(mean_loss)
+        grads = torch.cat([img.grad, txt.grad], dim=1) / 2  # DDP averages over the 2 ranks
+        gathered = [torch.empty_like(grads) for _ in range(2)]
+        dist.all_gather(gathered, grads)
+        out[with_grad] = {"loss": mean_loss / 2, "grads": torch.cat(gathered)}
+    if rank == 0:
+        torch.save(out, result_path)
+
+
+def test_global_loss_on_two_processes_matches_one(tmp_path):
+    from hf_longclip.modeling_betaclip import global_contrastive_loss
+
+    result = tmp_path / "result.pt"
+    # A fresh interpreter: debug_launcher forks, and forking a process that has already run spaCy / torch thread
+    # pools can deadlock the children.
+    script = textwrap.dedent(
+        f"""
+        import importlib.util
+        from accelerate import debug_launcher
+        spec = importlib.util.spec_from_file_location("betaclip_tests", {__file__!r})
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        debug_launcher(module._global_loss_worker, args=({str(result)!r},), num_processes=2)
+        """
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = torch.load(result, weights_only=True)
+    torch.manual_seed(11)
+    images = F.normalize(torch.randn(6, 8), dim=-1).requires_grad_()
+    texts = F.normalize(torch.randn(6, 8), dim=-1).requires_grad_()
+    loss = global_contrastive_loss(images, texts, torch.tensor(2.0))
+    loss.backward()
+    single_grads = torch.cat([images.grad, texts.grad], dim=1)
+    for with_grad in (False, True):
+        torch.testing.assert_close(out[with_grad]["loss"], loss.detach())
+    # with gradient through the gather, DDP-averaged gradients equal the single-process ones ...
+    torch.testing.assert_close(out[True]["grads"], single_grads)
+    # ... while the authors' gather (no gradient into other ranks' columns) loses part of them
+    assert not torch.allclose(out[False]["grads"], single_grads)
+
+
+def test_text_gradient_checkpointing_keeps_loss_and_gradients(clip_model, processor):
+    batch = _batch(processor, CAPTIONS)
+    results = []
+    for checkpoint in (False, True):
+        torch.manual_seed(0)  # same pooling-block initialisation
+        model = BetaCLIPModel.from_clip(clip_model).train()
+        if checkpoint:
+            model.enable_text_gradient_checkpointing()
+            assert model.text_model.encoder.layers[0].gradient_checkpointing
+            assert not model.vision_model.encoder.layers[0].gradient_checkpointing
+        loss = model(**batch, return_loss=True).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    torch.testing.assert_close(results[1][0], results[0][0])
+    assert results[0][1].keys() == results[1][1].keys()
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, atol=1e-5, rtol=1e-4)
