@@ -53,6 +53,11 @@ class FixCLIPConfig(LongCLIPConfig):
             CLS. Note: with ``"replace"`` and every layer prompted, a prompt's own attention output is never read, so
             only the CLS -> prompt part of the mask changes the result. Layers after the first prompted one that are
             not in ``prompt_layers`` carry the prompt outputs through unchanged in both modes.
+        isolate_patches_from_prompts (`bool`, *optional*, defaults to `False`):
+            Not in the paper. The stated mask lets patches attend to CLS, and CLS reads the prompts, so from the layer
+            after the first prompted one on, patch tokens depend on the prompts *through CLS*. True adds a second,
+            prompted CLS token (the tower's output) and keeps the CLS that patches read prompt-free, so patch tokens
+            are exactly those of the unprompted tower (one more token per prompted layer).
         prompt_init_std (`float`, *optional*, defaults to 0.02):
             Standard deviation of the normal initialisation of the prompts. UNKNOWN.
         region_remainder (`str`, *optional*, defaults to `"none"`):
@@ -104,6 +109,7 @@ class FixCLIPConfig(LongCLIPConfig):
     num_regional_prompts: int | None = None
     prompt_layers: list[int] | None = None
     prompt_depth_mode: str = "replace"
+    isolate_patches_from_prompts: bool = False
     prompt_init_std: float | int = 0.02
     region_remainder: str = "none"
     num_groups: int = 4

@@ -51,7 +51,11 @@ _MASKABLE_ATTENTION = ("eager", "sdpa")
 
 # ---------------------------------------------------------------------------------------------- attention mask
 def regional_attention_allowed(
-    num_patches: int, num_prompts: int, remainder: str = "none", device: torch.device | str | None = None
+    num_patches: int,
+    num_prompts: int,
+    remainder: str = "none",
+    device: torch.device | str | None = None,
+    isolate_patches: bool = False,
 ) -> torch.Tensor:
     """Boolean ``(T, T)`` matrix of the allowed (query, key) pairs, ``T = 1 + N + M``, tokens ordered
     ``[CLS, patch_0 .. patch_{N-1}, prompt_0 .. prompt_{M-1}]``.
@@ -63,21 +67,33 @@ def regional_attention_allowed(
       patches to no prompt, the stated formula). Regions are contiguous in row-major order, so with ``M`` equal to
       the grid side each region is one row of patches.
 
+    With ``isolate_patches`` (not in the paper) one more token, the *prompted CLS*, sits after the patches
+    (``T = 2 + N + M``, order ``[CLS, patches, prompted CLS, prompts]``): the first CLS then follows the stock rule
+    (CLS and patches only) and is what patches read, while the prompted CLS reads itself, the patches and every
+    prompt. Patch tokens then never depend on prompts, even through CLS in later layers.
+
     Args:
         num_patches (`int`): ``N``.
         num_prompts (`int`): ``M``, in ``[1, N]``.
         remainder (`str`): ``"none"`` or ``"last"``.
+        isolate_patches (`bool`): add the prompted CLS token as described above.
     """
     if not 1 <= num_prompts <= num_patches:
         raise ValueError(f"need 1 <= num_prompts ({num_prompts}) <= num_patches ({num_patches})")
     n, m = num_patches, num_prompts
-    total = 1 + n + m
+    extra = 1 if isolate_patches else 0
+    total = 1 + n + extra + m
+    first_prompt = 1 + n + extra
     allowed = torch.zeros(total, total, dtype=torch.bool, device=device)
-    allowed[0, :] = True
     allowed[1 : 1 + n, : 1 + n] = True
+    if isolate_patches:
+        allowed[0, : 1 + n] = True
+        allowed[1 + n, 1:] = True  # prompted CLS: patches, itself, prompts (not the prompt-free CLS)
+    else:
+        allowed[0, :] = True
     size = n // m
     for j in range(m):
-        row = 1 + n + j
+        row = first_prompt + j
         start = j * size
         stop = n if (remainder == "last" and j == m - 1) else start + size
         allowed[row, 1 + start : 1 + stop] = True
@@ -91,11 +107,12 @@ def regional_attention_mask(
     remainder: str = "none",
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
+    isolate_patches: bool = False,
 ) -> torch.Tensor:
     """The additive float mask ``(1, 1, T, T)`` for transformers' attention: 0 where allowed, the dtype's most
     negative value elsewhere (see `regional_attention_allowed`). Every row allows at least one key, so no softmax row
     is empty; the eager kernel adds it to the scores and SDPA takes it as ``attn_mask``."""
-    allowed = regional_attention_allowed(num_patches, num_prompts, remainder, device)
+    allowed = regional_attention_allowed(num_patches, num_prompts, remainder, device, isolate_patches)
     mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
     return mask[None, None]
@@ -213,7 +230,8 @@ class FixCLIPImageTowerOutput(ModelOutput):
 
     Args:
         last_hidden_state (`torch.FloatTensor` of shape `(batch, 1 + num_patches, hidden)`):
-            CLS and patch tokens after the last layer (before ``post_layernorm``; prompts removed).
+            CLS and patch tokens after the last layer (before ``post_layernorm``; prompts removed; with
+            ``isolate_patches_from_prompts`` the CLS slot holds the prompted CLS).
         pooler_output (`torch.FloatTensor` of shape `(batch, hidden)`): ``post_layernorm`` of the final CLS.
         layer_cls (`torch.FloatTensor` of shape `(batch, num_layers, hidden)`, *optional*):
             The CLS token after every encoder layer (shallowest first), when asked for.
@@ -386,12 +404,18 @@ class FixCLIPModel(LongCLIPModel):
 
     # ------------------------------------------------------------------ image tower
     def attention_mask_for(self, num_patches: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """The cached additive regional mask `(1, 1, 1 + N + M, 1 + N + M)` for this model's ``M``."""
+        """The cached additive regional mask `(1, 1, T, T)` for this model's ``M`` (``T = 1 + N + M``, one more with
+        ``isolate_patches_from_prompts``)."""
         key = (num_patches, dtype, str(device))
         mask = self._mask_cache.get(key)
         if mask is None:
             mask = regional_attention_mask(
-                num_patches, self.config.prompts_per_layer, self.config.region_remainder, dtype, device
+                num_patches,
+                self.config.prompts_per_layer,
+                self.config.region_remainder,
+                dtype,
+                device,
+                self.config.isolate_patches_from_prompts,
             )
             self._mask_cache[key] = mask
         return mask
@@ -456,27 +480,35 @@ class FixCLIPModel(LongCLIPModel):
                     f"the image tower uses {implementation!r}"
                 )
         mask = None
+        # With isolate_patches_from_prompts a prompted copy of CLS sits at index `seq` and is the tower's output CLS.
+        isolate = prompts is not None and self.config.isolate_patches_from_prompts
+        first_prompt = seq + (1 if isolate else 0)
+        cls_index = 0
         layer_cls = []
         for index, layer in enumerate(vision.encoder.layers):
             slot = self._prompt_slot.get(index) if prompts is not None else None
             if slot is not None:
                 fresh = prompts.prompts[slot].to(hidden.dtype).expand(batch, -1, -1)
                 if mask is None:  # first prompted layer: append the prompt slots after the patches
-                    hidden = torch.cat([hidden, fresh], dim=1)
+                    parts = [hidden, hidden[:, :1]] if isolate else [hidden]
+                    hidden = torch.cat([*parts, fresh], dim=1)
                     mask = self.attention_mask_for(num_patches, hidden.dtype, hidden.device)
+                    cls_index = seq if isolate else 0
                 elif self.config.prompt_depth_mode == "add":
-                    hidden = torch.cat([hidden[:, :seq], hidden[:, seq:] + fresh], dim=1)
+                    hidden = torch.cat([hidden[:, :first_prompt], hidden[:, first_prompt:] + fresh], dim=1)
                 else:  # "replace": VPT-deep, the previous layer's prompt outputs are dropped
-                    hidden = torch.cat([hidden[:, :seq], fresh], dim=1)
+                    hidden = torch.cat([hidden[:, :first_prompt], fresh], dim=1)
             hidden = layer(hidden, mask)
             if output_layer_cls:
-                layer_cls.append(hidden[:, 0])
+                layer_cls.append(hidden[:, cls_index])
         tokens = hidden[:, :seq]
+        if cls_index:  # report the prompted CLS in the CLS slot
+            tokens = torch.cat([hidden[:, cls_index : cls_index + 1], tokens[:, 1:]], dim=1)
         return FixCLIPImageTowerOutput(
             last_hidden_state=tokens,
             pooler_output=vision.post_layernorm(tokens[:, 0]),
             layer_cls=torch.stack(layer_cls, dim=1) if output_layer_cls else None,
-            prompt_states=hidden[:, seq:] if mask is not None else None,
+            prompt_states=hidden[:, first_prompt:] if mask is not None else None,
         )
 
     # ------------------------------------------------------------------ features (prompted tower)
