@@ -377,7 +377,11 @@ def long_prompt_sd_pipeline(
     if isinstance(base, (str, os.PathLike)):
         if pipeline_class is None:
             from diffusers import StableDiffusionPipeline as pipeline_class
-        base_tokenizer = _load_tokenizer(tokenizer if tokenizer is not None else base, "tokenizer", **from_pretrained_kwargs)
+        base_tokenizer = (
+            _load_tokenizer(base, "tokenizer", **from_pretrained_kwargs)
+            if tokenizer is None
+            else _load_tokenizer(tokenizer, "")
+        )
         if long_encoder is not None:
             hub_kwargs = {k: from_pretrained_kwargs[k] for k in _HUB_KWARGS if k in from_pretrained_kwargs}
             base_config = CLIPTextConfig.from_pretrained(base, subfolder="text_encoder", **hub_kwargs)
@@ -507,7 +511,9 @@ def long_prompt_sdxl_pipeline(
             copy.deepcopy(enc_2) if pipe is base else enc_2, position_keep, position_ratio, target_length=target
         )
     else:
-        _check_width("text_encoder_2", enc_2, _width(pipe.text_encoder_2), "the base pipeline's text_encoder_2")
+        if pipe is base:
+            _check_width("text_encoder_2", enc_2, _width(pipe.text_encoder_2), "the base pipeline's text_encoder_2")
+            enc_2 = enc_2.to(device=pipe.text_encoder_2.device, dtype=pipe.text_encoder_2.dtype)
     if enc_1 is not None and text_encoder_length(enc_2) != length:
         raise ValueError(
             f"text_encoder has {length} positions but the text_encoder_2 given has {text_encoder_length(enc_2)}: "

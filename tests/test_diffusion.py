@@ -176,7 +176,9 @@ def test_sd_from_folders_and_hub_style_sources(tmp_path, sd_base, sd_pipe, longc
         pipe = long_prompt_sd_pipeline(str(base_dir), source, requires_safety_checker=False)
         assert pipe.tokenizer.model_max_length == 248
         torch.testing.assert_close(pipe.encode_prompt(prompt, "cpu", 1, False)[0], reference, rtol=0, atol=1e-6)
-    # text_encoder=None: the base's own encoder stretched (no training), e.g. for SD 2.x
+    # text_encoder=None: the base's own encoder stretched (no training), e.g. for SD 2.x; from an object, a copy
+    from_object = long_prompt_sd_pipeline(sd_base, None)
+    assert text_encoder_length(from_object.text_encoder) == 248 and text_encoder_length(sd_base.text_encoder) == 77
     stretched = long_prompt_sd_pipeline(str(base_dir), None, requires_safety_checker=False)
     assert text_encoder_length(stretched.text_encoder) == 248 == stretched.tokenizer.model_max_length
     short = text(words(15, seed=5))  # fits in the 20 copied positions: identical to the base
@@ -357,7 +359,7 @@ def test_stretch_text_encoder_and_loader_rules(xl_base, longclip):
         load_long_text_encoder(longclip.to_text_model(), with_projection=True)
 
 
-def test_sdxl_export_components_round_trip(tmp_path, xl_pipe, xl_base):
+def test_sdxl_export_components_round_trip(tmp_path, xl_pipe, xl_base, longclip):
     xl_base.save_pretrained(tmp_path / "base")
     export_long_text_components(xl_pipe, tmp_path / "long")
     reloaded = StableDiffusionXLPipeline.from_pretrained(tmp_path / "base", **load_long_text_components(tmp_path / "long"))
@@ -365,6 +367,11 @@ def test_sdxl_export_components_round_trip(tmp_path, xl_pipe, xl_base):
     prompt = text(words(200, seed=50))
     a, b = encode_long_prompt(reloaded, prompt, hidden_states="last"), encode_long_prompt(xl_pipe, prompt, hidden_states="last")
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # building from folders (the Hub-id code path) gives the same pipeline as building from objects
+    longclip.save_pretrained(tmp_path / "longclip")
+    from_folders = long_prompt_sdxl_pipeline(str(tmp_path / "base"), str(tmp_path / "longclip"))
+    c = encode_long_prompt(from_folders, prompt, hidden_states="last")
+    assert all(torch.equal(c[k], b[k]) for k in b)
 
 
 # ------------------------------------------------------------------------------------------------ examples

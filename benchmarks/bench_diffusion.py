@@ -1,0 +1,218 @@
+"""Cost of long prompts in diffusers: prompt encoding at 77 vs 248 tokens, and per-image time on a tiny pipeline.
+
+    python benchmarks/bench_diffusion.py                 # CLIP-L-shaped text encoder (768 wide, 12 layers), CPU
+    python benchmarks/bench_diffusion.py --small         # 256 wide, 4 layers (quick)
+    python benchmarks/bench_diffusion.py --threads 4 --repeats 20
+
+Part 1 encodes one prompt and its negative (batch 2, as classifier-free guidance does) with a random text encoder of
+CLIP-L's shape: the stock 77-position encoder, the same encoder stretched to 248 positions (what a long-prompt
+pipeline runs for every prompt, since diffusers pads to ``model_max_length``), and the chunked path with two
+248-token windows (prompts of 247-492 tokens). The modes are timed round-robin in one process (so load from
+other processes hits them alike); peak memory is the growth of max RSS over one encoding, in a fresh subprocess
+per mode.
+
+Part 2 times whole generations on the tiny random pipelines of ``hf_longclip.diffusion`` (32x32, a few steps): the
+stock 77-token SD pipeline, the long 248-token one, the long one with a 400-token prompt in two windows, and the
+long SDXL one (both encoders at 248).
+
+The machine may be shared: absolute times are noisy; compare the ratios printed within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+
+def _encoder(args, positions: int):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from hf_longclip.diffusion import stretch_text_encoder
+
+    torch.manual_seed(0)
+    config = CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=args.hidden,
+        intermediate_size=4 * args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        max_position_embeddings=77,
+        eos_token_id=49407,
+        bos_token_id=49406,
+    )
+    model = CLIPTextModel(config).eval()
+    if positions != 77:
+        stretch_text_encoder(model, target_length=positions)
+    return model
+
+
+def _time(fn, repeats: int, warmup: int = 2) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+ENCODE_MODES = {"77": (77, 1), "248": (248, 1), "2x248": (248, 2)}  # positions, windows
+
+
+def _ids(positions: int, windows: int) -> torch.Tensor:
+    ids = torch.randint(0, 49405, (2 * windows, positions))  # prompt + negative per window
+    ids[:, 0], ids[:, -1] = 49406, 49407
+    return ids
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def run_encode_memory(args) -> dict:
+    """Peak resident-memory growth over one encoding, in a fresh process (`--_encode-mode`).
+
+    ``ru_maxrss`` already holds the peak of building the model, so the resident size is sampled from a thread
+    (every ~0.2 ms) while the encoder runs; the result is the sampled peak minus the size just before.
+    """
+    import threading
+
+    positions, windows = ENCODE_MODES[args.mode]
+    model, ids = _encoder(args, positions), _ids(positions, windows)
+    with torch.inference_mode():
+        model(ids)  # first call: lazy initialisation outside the measurement
+    baseline, peak, done = _rss_bytes(), [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_bytes())
+            time.sleep(0.0002)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    with torch.inference_mode():
+        model(ids)
+    done.set()
+    sampler.join()
+    return {"peak_rss_growth_mb": max(0, peak[0] - baseline) / 2**20}
+
+
+def part_encode(args) -> None:
+    print(f"== prompt encoding: text encoder {args.hidden} wide, {args.layers} layers, batch 2 (prompt + negative)")
+    models = {77: _encoder(args, 77), 248: _encoder(args, 248)}
+    inputs = {mode: (models[p], _ids(p, w)) for mode, (p, w) in ENCODE_MODES.items()}
+    times = {mode: [] for mode in ENCODE_MODES}
+    with torch.inference_mode():
+        for model, ids in inputs.values():  # warm-up
+            model(ids)
+        # Round-robin over the modes so that load from other processes hits all of them alike.
+        for _ in range(args.repeats):
+            for mode, (model, ids) in inputs.items():
+                start = time.perf_counter()
+                model(ids)
+                times[mode].append(time.perf_counter() - start)
+    memory = {}
+    for mode in ENCODE_MODES:
+        cmd = [sys.executable, __file__, "--_encode-mode", mode, "--hidden", str(args.hidden), "--layers",
+               str(args.layers), "--heads", str(args.heads), "--threads", str(args.threads)]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        memory[mode] = json.loads(out.strip().splitlines()[-1])["peak_rss_growth_mb"]
+    base_median, base_min = statistics.median(times["77"]), min(times["77"])
+    for mode, values in times.items():
+        median, low = statistics.median(values), min(values)
+        print(
+            f"  {mode:>6} tokens: median {median * 1e3:8.1f} ms (x{median / base_median:5.2f})  "
+            f"min {low * 1e3:8.1f} ms (x{low / base_min:5.2f})  peak RSS growth {memory[mode]:7.1f} MB"
+        )
+
+
+def part_pipeline(args) -> None:
+    from hf_longclip.diffusion import (
+        encode_long_prompt,
+        long_prompt_sd_pipeline,
+        long_prompt_sdxl_pipeline,
+        tiny_longclip,
+        tiny_sd_base_pipeline,
+        tiny_sdxl_base_pipeline,
+    )
+    from hf_longclip.testing_utils import DEFAULT_WORDS
+
+    print(f"== per-image time, tiny pipelines, 32x32, {args.steps} steps, guidance on")
+    prompt_150 = " ".join(DEFAULT_WORDS[i % len(DEFAULT_WORDS)] for i in range(150))
+    prompt_400 = " ".join(DEFAULT_WORDS[i % len(DEFAULT_WORDS)] for i in range(400))
+    sd_base = tiny_sd_base_pipeline()
+    longclip = tiny_longclip()
+    sd_long = long_prompt_sd_pipeline(sd_base, longclip)
+    xl_long = long_prompt_sdxl_pipeline(tiny_sdxl_base_pipeline(), longclip)
+    for pipe in (sd_base, sd_long, xl_long):
+        pipe.set_progress_bar_config(disable=True)
+    gen = dict(num_inference_steps=args.steps, height=32, width=32, output_type="np")
+
+    def chunked():
+        sd_long(**encode_long_prompt(sd_long, prompt_400, "a cat"), **gen)
+
+    cases = {
+        "SD stock 77 (150-token prompt, cut)": lambda: sd_base(prompt_150, negative_prompt="a cat", **gen),
+        "SD long 248 (150-token prompt)": lambda: sd_long(prompt_150, negative_prompt="a cat", **gen),
+        "SD long 2x248 (400-token prompt)": chunked,
+        "SDXL long 248+248 (150-token prompt)": lambda: xl_long(prompt_150, negative_prompt="a cat", **gen),
+    }
+    times = {name: [] for name in cases}
+    with torch.inference_mode():
+        for fn in cases.values():  # warm-up
+            fn()
+        for _ in range(args.repeats):  # round-robin, as above
+            for name, fn in cases.items():
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+    base_median, base_min = (f(times[next(iter(cases))]) for f in (statistics.median, min))
+    for name, values in times.items():
+        median, low = statistics.median(values), min(values)
+        print(
+            f"  {name:<40} median {median * 1e3:7.1f} ms/image (x{median / base_median:5.2f})  "
+            f"min {low * 1e3:7.1f} ms (x{low / base_min:5.2f})"
+        )
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--hidden", type=int, default=768)
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--small", action="store_true", help="256 wide, 4 layers, 4 heads")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="1 keeps timings stable on a shared machine")
+    parser.add_argument("--skip-pipeline", action="store_true")
+    parser.add_argument("--_encode-mode", dest="mode", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.small:
+        args.hidden, args.layers, args.heads = 256, 4, 4
+    torch.set_num_threads(args.threads)
+    # diffusers' truncation notice for the stock 77-token case is expected here; keep the output to the numbers
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.logging.set_verbosity_error()
+    if args.mode is not None:
+        print(json.dumps(run_encode_memory(args)))
+        return
+    print(f"torch {torch.__version__}, {args.threads} threads, {args.repeats} repeats (medians)")
+    part_encode(args)
+    if not args.skip_pipeline:
+        part_pipeline(args)
+
+
+if __name__ == "__main__":
+    main()
