@@ -491,3 +491,33 @@ def test_bad_config_values_raise(clip_model, fields, message):
     kwargs.update(fields)
     with pytest.raises(ValueError, match=message):
         FixCLIPConfig(text_config=base.text_config.to_dict(), vision_config=base.vision_config.to_dict(), **kwargs)
+
+
+def test_from_pretrained_on_a_stock_clip_folder(clip_model, batch, tmp_path):
+    clip_model.save_pretrained(tmp_path)
+    model = FixCLIPModel.from_pretrained(tmp_path, num_groups=2, group_align_start=2, prompt_layers=[1])
+    assert type(model) is FixCLIPModel and model.config.model_type == "fixclip"
+    assert model.config.text_config.max_position_embeddings == 248 and model.config.prompt_layers == [1]
+    source = clip_model.state_dict()
+    for key, value in model.state_dict().items():
+        if key in source and key not in ("text_model.embeddings.position_embedding.weight", "logit_scale"):
+            assert torch.equal(value, source[key]), key
+    with torch.no_grad():  # prompts only in layer 1: layer-0 CLS equals the stock tower's
+        ours = model.image_tower(batch["pixel_values"], output_layer_cls=True).layer_cls[:, 0]
+        stock = clip_model.vision_model(pixel_values=batch["pixel_values"], output_hidden_states=True).hidden_states[1][:, 0]
+    torch.testing.assert_close(ours, stock, atol=1e-5, rtol=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(clip_model, batch):
+    model = _fixclip(clip_model).train()
+    out = model(**batch, return_loss=True, mask_generator=0)
+    out.loss.backward()
+    reference = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    model.activation_checkpointing_enable()
+    assert model.vision_model.encoder.layers[0].gradient_checkpointing
+    again = model(**batch, return_loss=True, mask_generator=0)
+    again.loss.backward()
+    torch.testing.assert_close(again.loss, out.loss)
+    for name, grad in reference.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, atol=1e-5, rtol=1e-4, msg=name)
