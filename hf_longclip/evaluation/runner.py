@@ -1,0 +1,97 @@
+"""Run a list of benchmarks on one model and write one JSON results file."""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .fgovd import evaluate_fgovd
+from .readers import RETRIEVAL_READERS, read_fgovd, read_zeroshot
+from .retrieval import EvalSettings, check_scoring, evaluate_retrieval
+from .zeroshot import evaluate_zeroshot
+
+#: Every benchmark name `evaluate` accepts.
+BENCHMARKS: tuple[str, ...] = (*RETRIEVAL_READERS, "fgovd", "zeroshot")
+#: The long-caption benchmarks (for cards and summaries).
+LONG_TEXT_BENCHMARKS = ("urban1k", "dci", "sharegpt4v-1k", "docci")
+
+
+def parse_benchmarks(spec: str | Sequence[str]) -> list[str]:
+    """`"urban1k,coco"` or a list -> validated names (``"all"`` = every benchmark)."""
+    names = [n.strip().lower() for n in (spec.split(",") if isinstance(spec, str) else spec) if n.strip()]
+    if names == ["all"]:
+        return list(BENCHMARKS)
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown:
+        raise ValueError(f"unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)}")
+    return names
+
+
+def evaluate(
+    model,
+    processor,
+    benchmarks: str | Sequence[str],
+    data_root: str | Path,
+    scoring: str = "global",
+    settings: EvalSettings | None = None,
+    fgovd_splits: Sequence[str] | None = None,
+    zeroshot_templates=None,
+    output: str | Path | None = None,
+    model_name: str | None = None,
+) -> dict:
+    """Evaluate `model` on `benchmarks` read from `data_root`; optionally write the results JSON to `output`.
+
+    Every benchmark's layout is read (and checked) before any model work starts, so a missing folder fails fast with
+    the expected layout in the message.
+
+    Returns:
+        ``{"model", "scoring", "settings", "date", "benchmarks": {name: metrics}}``; retrieval metrics are
+        `t2i_R@k` / `i2t_R@k` in percent, FG-OVD ``{"splits": {split: {"accuracy", ...}}, "mean_accuracy"}``,
+        zero-shot `top1` / `top5`.
+    """
+    settings = settings or EvalSettings()
+    names = parse_benchmarks(benchmarks)
+    check_scoring(model, scoring)
+    data = {}
+    for name in names:
+        if name in RETRIEVAL_READERS:
+            data[name] = RETRIEVAL_READERS[name](data_root)
+        elif name == "fgovd":
+            data[name] = read_fgovd(data_root, fgovd_splits)
+        else:
+            data[name] = read_zeroshot(data_root)
+    results = {}
+    for name in names:
+        start = time.perf_counter()
+        if name in RETRIEVAL_READERS:
+            results[name] = evaluate_retrieval(model, processor, data[name], scoring, settings)
+        elif name == "fgovd":
+            results[name] = evaluate_fgovd(model, processor, data[name], settings)
+        else:
+            results[name] = evaluate_zeroshot(model, processor, data[name], zeroshot_templates, settings)
+        results[name]["seconds"] = round(time.perf_counter() - start, 3)
+    report = {
+        "model": model_name or getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__,
+        "model_type": getattr(getattr(model, "config", None), "model_type", None),
+        "scoring": scoring,
+        "settings": {
+            "batch_size": settings.batch_size,
+            "dtype": settings.dtype,
+            "device": str(settings.device or next(model.parameters()).device),
+        },
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "benchmarks": results,
+    }
+    if output is not None:
+        output = Path(output)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return report
+
+
+__all__ = ["BENCHMARKS", "LONG_TEXT_BENCHMARKS", "evaluate", "parse_benchmarks"]
