@@ -49,6 +49,12 @@ def main(argv: list[str] | None = None):
         "model) or the authors' longclip-L.pt file",
     )
     parser.add_argument("--longclip-subfolder", default=None, help="e.g. text_encoder for a diffusers-layout repo")
+    parser.add_argument(
+        "--longclip-file",
+        default=None,
+        help="a file of the --longclip Hub repo to download and convert, e.g. --longclip BeichenZhang/LongCLIP-L "
+        "--longclip-file longclip-L.pt (the authors' original checkpoint)",
+    )
     parser.add_argument("--prompt", default=DEFAULT_PROMPT)
     parser.add_argument("--negative-prompt", default=None, help="omitted: zeros, as SDXL does")
     parser.add_argument("--hidden-states", choices=("last", "penultimate"), default="last")
@@ -69,6 +75,10 @@ def main(argv: list[str] | None = None):
         args.device = "cpu"
     else:
         base, longclip = args.base, args.longclip
+        if args.longclip_file:
+            from huggingface_hub import hf_hub_download
+
+            longclip = hf_hub_download(args.longclip, args.longclip_file)
         te_kwargs = {"subfolder": args.longclip_subfolder} if args.longclip_subfolder else {}
         on_gpu = args.device.startswith("cuda")
         pipe_kwargs = {"torch_dtype": torch.float16, "variant": "fp16"} if on_gpu else {}

@@ -375,11 +375,15 @@ def test_sdxl_export_components_round_trip(tmp_path, xl_pipe, xl_base, longclip)
 
 
 # ------------------------------------------------------------------------------------------------ examples
-def _load_example(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
+def _load_module(path: Path):
+    spec = importlib.util.spec_from_file_location(f"_loaded_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _load_example(name: str):
+    return _load_module(ROOT / "examples" / f"{name}.py")
 
 
 @pytest.mark.parametrize("name", ["long_prompt_sd", "long_prompt_sdxl"])
@@ -392,3 +396,15 @@ def test_examples_run_tiny(tmp_path, name, capsys):
     assert re.search(r"reads? 248 tokens", printed) and "windows of 248 tokens" in printed  # the tiny vocabulary makes it > 248
     short = example.main(["--tiny", "--steps", "2", "--output", str(output), "--prompt", text(words(150, seed=60))])
     assert short.size == (32, 32) and "windows" not in capsys.readouterr().out
+
+
+def test_original_pt_checkpoint_as_text_encoder(tmp_path):
+    """The authors' .pt file (OpenAI layout, two position tables) is converted on the fly."""
+    conversion_tests = _load_module(ROOT / "tests" / "test_longclip_distributed_and_conversion.py")
+    longclip = tiny_longclip(hidden_size=128)  # the converter infers heads as width // 64
+    path = tmp_path / "longclip-tiny.pt"
+    torch.save(conversion_tests._to_openai_layout(longclip, keep=20), path)
+    encoder = load_long_text_encoder(str(path))
+    assert type(encoder) is CLIPTextModel and text_encoder_length(encoder) == 248
+    reference = longclip.to_text_model().state_dict()
+    assert all(torch.equal(v, reference[k]) for k, v in encoder.state_dict().items())
