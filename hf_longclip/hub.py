@@ -1,0 +1,387 @@
+"""Model cards, Hub-ready folders and one-commit pushes.
+
+* :func:`render_model_card` fills ``model_cards/base.md`` plus the variant's section (``model_cards/<model_type>.md``)
+  with huggingface_hub's ``ModelCard`` / ``ModelCardData``; evaluation results (the JSON written by
+  ``hf-longclip evaluate``) become ``model-index`` entries (``EvalResult``) and a markdown table.
+* :func:`save_for_hub` writes everything a repository holds into a local folder.
+* :func:`push_to_hub` uploads that folder as **one** commit (model with its ``auto_map`` code, processor, card,
+  optional stock-CLIP export in ``clip/`` and diffusers layout in ``text_encoder/`` + ``tokenizer/``).
+
+Call :func:`push_to_hub` at the end of training with the unwrapped model
+(``push_to_hub(accelerator.unwrap_model(model), processor, repo_id, results="eval_results.json")``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData
+
+#: Where the card templates live: ``$HF_LONGCLIP_CARD_TEMPLATES`` or ``model_cards/`` at the repository root.
+DEFAULT_TEMPLATE_DIR = Path(os.environ.get("HF_LONGCLIP_CARD_TEMPLATES", Path(__file__).resolve().parents[1] / "model_cards"))
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "longclip": {
+        "title": "Long-CLIP",
+        "summary": "A CLIP model whose text encoder reads 248 tokens (Long-CLIP), for retrieval and classification "
+        "with long, detailed captions.",
+        "recipe": "Authors' reference recipe: ShareGPT4V long captions (about 1.2M; the first 1000 entries held out), "
+        "short caption = first sentence; AdamW, lr 1e-6, global batch 2048, label smoothing 0.1, 2 epochs in the "
+        "code (6 in the training notes); loss = InfoNCE(image, long) + InfoNCE(PCA-32 image, short).",
+        "tags": ["long-clip"],
+    },
+    "finelip": {
+        "title": "FineLIP",
+        "summary": "A long-caption CLIP (248 tokens) with fine-grained token aggregation and late-interaction "
+        "scoring (FineLIP).",
+        "recipe": "Authors' reference recipe: ShareGPT4V (about 1.2M, first 1000 held out); lr 1e-6 for the backbone "
+        "and 2e-4 for the aggregation heads; batch 128 x 4 accumulation steps; 6 epochs; bidirectional hinge loss "
+        "(margin 0.2) on the CLIM score with a one-epoch warm-up.",
+        "tags": ["finelip", "fine-grained"],
+    },
+    "fixclip": {
+        "title": "Fix-CLIP",
+        "summary": "A long-caption CLIP (248 tokens) with a masked short-caption branch, regional prompts and "
+        "hierarchical alignment heads (Fix-CLIP).",
+        "recipe": "The authors' recipe is not public; see `config.json` for the branch, prompt and loss settings used.",
+        "tags": ["fixclip"],
+    },
+    "mulclip": {
+        "title": "MulCLIP",
+        "summary": "A long-caption CLIP (248 tokens) with multi-level calibration heads (MulCLIP).",
+        "recipe": "The authors' recipe is not public (the paper trains on DOCCI long captions); see `config.json` for "
+        "the loss weights used.",
+        "tags": ["mulclip"],
+    },
+    "betaclip": {
+        "title": "beta-CLIP",
+        "summary": "A long-caption CLIP (248 tokens) with a text-conditioned pooling block trained with beta-CAL "
+        "(beta-CLIP).",
+        "recipe": "Authors' reference recipe: filtered ShareGPT4V; AdamW, lr 1e-5 (backbone, cosine to 1e-7) and 1e-3 "
+        "(pooling block, cosine to 1e-4); batch 64 per GPU x 8 accumulation x 4 GPUs = 2048; 10 epochs; AMP; up to 5 "
+        "sentences and 30 phrases per image.",
+        "tags": ["betaclip", "fine-grained"],
+    },
+}
+
+_BENCHMARK_INFO = {
+    # name: (display name, dataset id for model-index, split)
+    "urban1k": ("Urban1k", "urban1k", "test"),
+    "sharegpt4v-1k": ("ShareGPT4V-1k", "sharegpt4v-1k", "first-1000"),
+    "dci": ("DCI", "dci", "all"),
+    "docci": ("DOCCI", "docci", "test"),
+    "coco": ("COCO 5k (Karpathy test)", "coco-karpathy", "test"),
+    "coco-val2017": ("COCO val2017", "coco", "val2017"),
+    "flickr30k": ("Flickr30k 1k (Karpathy test)", "flickr30k-karpathy", "test"),
+    "fgovd": ("FG-OVD", "fg-ovd", "benchmark"),
+    "zeroshot": ("Zero-shot classification", "local-class-folders", "all"),
+}
+
+
+def _load_results(results: str | os.PathLike | Mapping | None) -> dict | None:
+    if results is None:
+        return None
+    if isinstance(results, Mapping):
+        return dict(results)
+    return json.loads(Path(results).read_text(encoding="utf-8"))
+
+
+def eval_results_from_json(results: str | os.PathLike | Mapping) -> list[EvalResult]:
+    """``EvalResult`` entries (model-index) from a results JSON of :func:`hf_longclip.evaluation.evaluate`.
+
+    Retrieval: task ``text-to-image-retrieval`` / ``image-to-text-retrieval``, metric ``recall@k``; FG-OVD: task
+    ``fine-grained-region-text-matching``, metric ``accuracy`` per split (``dataset_config``); zero-shot: task
+    ``zero-shot-image-classification``, ``top-1`` / ``top-5`` accuracy. Values are percentages.
+    """
+    data = _load_results(results) or {}
+    scoring = data.get("scoring", "global")
+    out: list[EvalResult] = []
+    for name, metrics in data.get("benchmarks", {}).items():
+        display, dataset_type, split = _BENCHMARK_INFO.get(name, (name, name, "test"))
+        if name == "fgovd":
+            for split_name, split_metrics in metrics.get("splits", {}).items():
+                out.append(EvalResult(
+                    task_type="fine-grained-region-text-matching", dataset_type=dataset_type, dataset_name=display,
+                    dataset_config=split_name, dataset_split=split, metric_type="accuracy",
+                    metric_name=f"Accuracy ({split_name})", metric_value=round(float(split_metrics["accuracy"]), 2),
+                ))
+        elif name == "zeroshot":
+            for key in ("top1", "top5"):
+                if key in metrics:
+                    out.append(EvalResult(
+                        task_type="zero-shot-image-classification", dataset_type=dataset_type, dataset_name=display,
+                        dataset_split=split, metric_type="accuracy", metric_name=f"Top-{key[3:]} accuracy",
+                        metric_value=round(float(metrics[key]), 2),
+                    ))
+        else:
+            for direction, task in (("t2i", "text-to-image-retrieval"), ("i2t", "image-to-text-retrieval")):
+                for key, value in metrics.items():
+                    if key.startswith(f"{direction}_R@"):
+                        k = key.split("@")[1]
+                        out.append(EvalResult(
+                            task_type=task, dataset_type=dataset_type, dataset_name=display, dataset_split=split,
+                            metric_type=f"recall@{k}", metric_name=f"{direction.upper()} R@{k} ({scoring})",
+                            metric_value=round(float(value), 2),
+                        ))
+    return out
+
+
+def evaluation_markdown(results: str | os.PathLike | Mapping | None) -> str:
+    """A markdown summary of a results JSON (retrieval table, FG-OVD table, zero-shot lines)."""
+    data = _load_results(results)
+    if not data or not data.get("benchmarks"):
+        return "No evaluation results were attached to this card. Run `hf-longclip evaluate` and push with `--results`."
+    benches = data["benchmarks"]
+    lines = [
+        f"Scoring: `{data.get('scoring', 'global')}`; settings: `{json.dumps(data.get('settings', {}))}`. "
+        "Recall in percent; image-to-text counts a hit when any of the image's captions is in the top k; "
+        "ties are counted against the model.",
+        "",
+    ]
+    retrieval = [(n, m) for n, m in benches.items() if n not in ("fgovd", "zeroshot")]
+    if retrieval:
+        lines += [
+            "| Benchmark | images | texts | T2I R@1 | T2I R@5 | T2I R@10 | I2T R@1 | I2T R@5 | I2T R@10 |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for name, m in retrieval:
+            cells = [f"{m.get(f'{d}_R@{k}', float('nan')):.2f}" for d in ("t2i", "i2t") for k in (1, 5, 10)]
+            lines.append(f"| {_BENCHMARK_INFO.get(name, (name,))[0]} | {m.get('num_images')} | {m.get('num_texts')} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if "fgovd" in benches:
+        lines += ["| FG-OVD split | boxes | accuracy |", "|---|---|---|"]
+        for split, m in benches["fgovd"].get("splits", {}).items():
+            lines.append(f"| {split} | {m.get('num_boxes')} | {m['accuracy']:.2f} |")
+        lines.append("")
+    if "zeroshot" in benches:
+        m = benches["zeroshot"]
+        lines.append(f"Zero-shot classification ({m.get('num_classes')} classes, {m.get('num_images')} images): "
+                     f"top-1 {m.get('top1', float('nan')):.2f}, top-5 {m.get('top5', float('nan')):.2f}.")
+    unreadable = {n: m.get("unreadable_images", 0) for n, m in benches.items() if m.get("unreadable_images")}
+    if unreadable:
+        lines.append(f"\nUnreadable images skipped: {unreadable}.")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def render_model_card(
+    model,
+    results: str | os.PathLike | Mapping | None = None,
+    *,
+    repo_id: str | None = None,
+    model_name: str | None = None,
+    base_model: str | Sequence[str] | None = None,
+    datasets: str | Sequence[str] | None = None,
+    license: str = "apache-2.0",
+    tags: Sequence[str] | None = None,
+    training_recipe: str | Mapping | None = None,
+    has_clip_export: bool = False,
+    has_diffusers_export: bool = False,
+    template_dir: str | os.PathLike | None = None,
+) -> ModelCard:
+    """Render the model card of `model` from ``model_cards/`` templates.
+
+    Args:
+        model: a saved-or-in-memory hf_longclip model (its `config.model_type` picks the variant section).
+        results: the evaluation results JSON (path or dict) -> ``model-index`` and an evaluation section.
+        repo_id (`str`, *optional*): used in the usage snippet (defaults to `model_name`).
+        base_model, datasets, license, tags: card metadata. `base_model` defaults to the config's
+            ``_name_or_path`` when that looks like a Hub id.
+        training_recipe (`str` or mapping, *optional*): this checkpoint's training settings (a mapping is shown as
+            YAML); without it the card shows the authors' reference recipe.
+        has_clip_export, has_diffusers_export (`bool`): mention the ``clip/`` / ``text_encoder/`` sub-folders.
+        template_dir: folder holding ``base.md`` and ``<variant>.md``.
+
+    Returns:
+        `huggingface_hub.ModelCard`; ``str(card)`` is the README.md text.
+    """
+    import jinja2
+
+    template_dir = Path(template_dir or DEFAULT_TEMPLATE_DIR)
+    base_template = template_dir / "base.md"
+    if not base_template.is_file():
+        raise FileNotFoundError(
+            f"model card template {base_template} not found; pass template_dir= or set HF_LONGCLIP_CARD_TEMPLATES"
+        )
+    config = model.config
+    model_type = getattr(config, "model_type", "longclip")
+    variant = VARIANTS.get(model_type, VARIANTS["longclip"])
+    section_file = template_dir / f"{model_type}.md"
+    variant_section = (
+        jinja2.Template(section_file.read_text(encoding="utf-8")).render(config=config).strip() if section_file.is_file() else ""
+    )
+    repo_id = repo_id or model_name or "path/to/this/model"
+    model_name = model_name or repo_id.rstrip("/").split("/")[-1]
+    if base_model is None:
+        source = getattr(config, "_name_or_path", "") or ""
+        base_model = source if source.count("/") == 1 and not os.path.exists(source) else None
+    if isinstance(datasets, str):
+        datasets = [datasets]
+    eval_results = eval_results_from_json(results) if results is not None else None
+    card_data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag="zero-shot-image-classification",
+        license=license,
+        base_model=base_model,
+        datasets=list(datasets) if datasets else None,
+        tags=sorted({"clip", "hf_longclip", "long-text", "image-text-retrieval", *variant["tags"], *(tags or [])}),
+        model_name=model_name,
+        eval_results=eval_results or None,
+    )
+    if training_recipe is None:
+        training_section = variant["recipe"]
+    elif isinstance(training_recipe, Mapping):
+        training_section = "Settings of this run:\n\n```yaml\n" + yaml.safe_dump(dict(training_recipe), sort_keys=False) + "```"
+    else:
+        training_section = str(training_recipe)
+    text_config = config.text_config
+    vision_config = config.vision_config
+    return ModelCard.from_template(
+        card_data,
+        template_str=base_template.read_text(encoding="utf-8"),
+        model_name=model_name,
+        repo_id=repo_id,
+        summary=variant["summary"],
+        variant_title=variant["title"],
+        model_type=model_type,
+        base_model_text=f"`{base_model}`" if isinstance(base_model, str) else (", ".join(base_model) if base_model else "not recorded"),
+        text_length=text_config.max_position_embeddings,
+        image_size=vision_config.image_size,
+        patch_size=vision_config.patch_size,
+        projection_dim=config.projection_dim,
+        license=license,
+        variant_section=variant_section,
+        training_section=training_section,
+        evaluation_section=evaluation_markdown(results),
+        has_clip_export=has_clip_export,
+        has_diffusers_export=has_diffusers_export,
+    )
+
+
+def save_for_hub(
+    model,
+    processor,
+    save_directory: str | os.PathLike,
+    *,
+    card: ModelCard | str | None = None,
+    export_clip: bool = False,
+    export_diffusers_text_encoder: bool = False,
+    safe_serialization: bool = True,
+    **card_kwargs,
+) -> Path:
+    """Write what a repository holds into `save_directory`.
+
+    Layout: the variant model (safetensors, ``config.json`` with ``auto_map`` and the copied modeling code), the
+    processor files, ``README.md``; with `export_clip` a stock ``CLIPModel`` + ``CLIPProcessor`` in ``clip/``; with
+    `export_diffusers_text_encoder` ``text_encoder/`` (``CLIPTextModel`` from ``model.to_text_model()``) and
+    ``tokenizer/`` (248-token tokenizer padding with id 0, the authors' SD convention).
+
+    Args:
+        card: a rendered card (or README text); default: :func:`render_model_card` with `card_kwargs`.
+    """
+    from transformers import CLIPProcessor
+
+    folder = Path(save_directory)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    if export_clip:
+        model.to_clip_model().save_pretrained(folder / "clip")
+        CLIPProcessor(image_processor=processor.image_processor, tokenizer=processor.tokenizer).save_pretrained(folder / "clip")
+    if export_diffusers_text_encoder:
+        from .diffusion import export_text_encoder
+
+        export_text_encoder(model.to_text_model(), folder, processor.tokenizer)
+    if card is None:
+        card = render_model_card(
+            model, has_clip_export=export_clip, has_diffusers_export=export_diffusers_text_encoder, **card_kwargs
+        )
+    (folder / "README.md").write_text(str(card), encoding="utf-8")
+    return folder
+
+
+def push_to_hub(
+    model,
+    processor,
+    repo_id: str,
+    *,
+    results: str | os.PathLike | Mapping | None = None,
+    card: ModelCard | str | None = None,
+    export_clip: bool = False,
+    export_diffusers_text_encoder: bool = False,
+    commit_message: str | None = None,
+    commit_description: str | None = None,
+    revision: str | None = None,
+    private: bool | None = None,
+    create_pr: bool = False,
+    token: str | bool | None = None,
+    endpoint: str | None = None,
+    **card_kwargs,
+):
+    """Upload model, processor, card and optional exports to `repo_id` in one commit.
+
+    The repository is created if missing (`private` applies then); a `revision` branch is created from the default
+    branch if missing. With `create_pr` the commit opens a pull request (against `revision` when given).
+
+    Args:
+        model, processor: the variant model and its `LongCLIPProcessor`.
+        repo_id (`str`): ``"namespace/name"``.
+        results: evaluation results JSON for the card (see :func:`render_model_card`).
+        card: a ready card instead of rendering one.
+        export_clip, export_diffusers_text_encoder: see :func:`save_for_hub`.
+        commit_message, commit_description, revision, private, create_pr, token: passed to huggingface_hub.
+        endpoint (`str`, *optional*): Hub endpoint (default ``HF_ENDPOINT`` / huggingface.co).
+        card_kwargs: more :func:`render_model_card` arguments (``base_model``, ``datasets``, ``license``, ...).
+
+    Returns:
+        `huggingface_hub.CommitInfo` (``.oid``, ``.commit_url``, ``.pr_url``).
+    """
+    api = HfApi(endpoint=endpoint, token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    if revision is not None and revision != "main":
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    card_kwargs.setdefault("repo_id", repo_id)
+    with tempfile.TemporaryDirectory(prefix="hf_longclip_push_") as folder:
+        save_for_hub(
+            model,
+            processor,
+            folder,
+            card=card,
+            export_clip=export_clip,
+            export_diffusers_text_encoder=export_diffusers_text_encoder,
+            results=results,
+            **card_kwargs,
+        )
+        variant = VARIANTS.get(getattr(model.config, "model_type", ""), {"title": type(model).__name__})["title"]
+        # create_commit, not upload_folder: upload_folder may split a folder into several commits (its xet
+        # pipeline) and refuses create_pr together with a revision.
+        root = Path(folder)
+        operations = [
+            CommitOperationAdd(path_in_repo=path.relative_to(root).as_posix(), path_or_fileobj=str(path))
+            for path in sorted(root.rglob("*"))
+            if path.is_file()
+        ]
+        return api.create_commit(
+            repo_id=repo_id,
+            operations=operations,
+            commit_message=commit_message or f"Upload {variant} model, processor and model card",
+            commit_description=commit_description,
+            revision=revision,
+            create_pr=create_pr,
+        )
+
+
+__all__ = [
+    "DEFAULT_TEMPLATE_DIR",
+    "VARIANTS",
+    "eval_results_from_json",
+    "evaluation_markdown",
+    "push_to_hub",
+    "render_model_card",
+    "save_for_hub",
+]
