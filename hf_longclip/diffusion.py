@@ -401,7 +401,7 @@ def long_prompt_sd_pipeline(
             )
     else:
         pipe = base
-        base_tokenizer = _load_tokenizer(tokenizer, "tokenizer") if tokenizer is not None else pipe.tokenizer
+        base_tokenizer = _load_tokenizer(tokenizer, "") if tokenizer is not None else pipe.tokenizer
         if long_encoder is None:
             # Stretch a copy: the caller's pipeline keeps its own 77-token encoder.
             long_encoder = stretch_text_encoder(copy.deepcopy(pipe.text_encoder))
