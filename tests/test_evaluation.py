@@ -390,3 +390,25 @@ def test_cli_evaluate(bench_root, processor, longclip_model, tmp_path):
     with pytest.raises(SystemExit) as error:
         main(["evaluate", "--model", str(model_dir), "--benchmarks", "dci", "--data-root", str(tmp_path / "none")])
     assert "densely_captioned_images" in str(error.value.code)
+
+
+def test_tci_scoring_on_betaclip_and_stock_clip_baseline(bench_root, processor, clip_model):
+    from hf_longclip import BetaCLIPModel
+    from hf_longclip.testing_utils import tiny_clip
+
+    beta = BetaCLIPModel.from_clip(tiny_clip(processor=processor))
+    report = evaluate(beta, processor, "urban1k", bench_root, scoring="tci", settings=SETTINGS)
+    assert report["benchmarks"]["urban1k"]["scoring"] == "tci" and report["benchmarks"]["urban1k"]["num_texts"] == 3
+    # a stock 77-token CLIPModel (no retrieval interface) is scored with its pooled embeddings, captions cut to 77
+    stock = evaluate(clip_model, processor, "coco", bench_root, settings=SETTINGS)["benchmarks"]["coco"]
+    assert stock["num_texts"] == 15
+    with pytest.raises(ValueError, match="no retrieval interface"):
+        evaluate(clip_model, processor, "coco", bench_root, scoring="fused", settings=SETTINGS)
+    long_text = ["red " * 200]
+    feats = encode_texts(clip_model, processor.tokenizer, long_text, settings=SETTINGS)
+    assert feats["text_embeds"].shape[0] == 1  # no position overflow: truncated to the model's 77 positions
+
+
+def test_fp16_on_cpu_is_refused(bench_root, processor, longclip_model):
+    with pytest.raises(ValueError, match="needs a GPU"):
+        evaluate(longclip_model, processor, "urban1k", bench_root, settings=EvalSettings(dtype="fp16", device="cpu", progress=False))
