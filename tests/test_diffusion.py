@@ -408,3 +408,30 @@ def test_original_pt_checkpoint_as_text_encoder(tmp_path):
     assert type(encoder) is CLIPTextModel and text_encoder_length(encoder) == 248
     reference = longclip.to_text_model().state_dict()
     assert all(torch.equal(v, reference[k]) for k, v in encoder.state_dict().items())
+
+
+def test_other_pipeline_classes_keep_their_class(sd_base, xl_base, longclip):
+    """img2img / refiner pipelines work the same way (components and config carried over, class kept)."""
+    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline, UNet2DConditionModel
+
+    img2img = long_prompt_sd_pipeline(StableDiffusionImg2ImgPipeline(**sd_base.components), longclip)
+    assert type(img2img) is StableDiffusionImg2ImgPipeline and img2img.tokenizer.model_max_length == 248
+    torch.manual_seed(0)
+    refiner_unet = UNet2DConditionModel(  # the refiner conditions on text_encoder_2 only
+        block_out_channels=(16, 32), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, projection_class_embeddings_input_dim=5 * 8 + 16, cross_attention_dim=32,
+        norm_num_groups=8,
+    )
+    refiner = StableDiffusionXLImg2ImgPipeline(
+        vae=xl_base.vae, text_encoder=None, text_encoder_2=xl_base.text_encoder_2, tokenizer=None,
+        tokenizer_2=xl_base.tokenizer_2, unet=refiner_unet, scheduler=xl_base.scheduler, requires_aesthetics_score=True,
+    )
+    long_refiner = long_prompt_sdxl_pipeline(refiner, None)
+    assert type(long_refiner) is StableDiffusionXLImg2ImgPipeline and long_refiner.config.requires_aesthetics_score
+    assert long_refiner.text_encoder is None and text_encoder_length(long_refiner.text_encoder_2) == 248
+    embeds = encode_long_prompt(long_refiner, text(words(300, seed=70)), hidden_states="last")
+    assert embeds["prompt_embeds"].shape == (1, 496, 32)
+    out = long_refiner(**embeds, image=torch.rand(1, 3, 32, 32), strength=1.0, **GEN).images
+    assert torch.isfinite(out).all()
