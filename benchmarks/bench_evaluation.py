@@ -26,6 +26,7 @@ from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
 from hf_longclip import LongCLIPModel, LongCLIPProcessor
 from hf_longclip.data.tokenizer import build_clip_tokenizer
 from hf_longclip.evaluation import EvalSettings, encode_images, encode_texts, read_urban1k, recall_at_k
+from hf_longclip.evaluation.retrieval import autocast_context
 from hf_longclip.testing_utils import DEFAULT_WORDS, tiny_clip_config
 
 WORDS = list(DEFAULT_WORDS)
@@ -66,6 +67,11 @@ def caption(rng, words: int) -> str:
     return " ".join(rng.choice(WORDS, size=words))
 
 
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -78,20 +84,32 @@ def main():
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--metric-images", type=int, default=5000, help="images of the synthetic R@k problem")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="autocast dtype")
+    parser.add_argument("--workers", type=int, default=0, help="image decoding processes")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
     model, processor = build(args.tiny)
-    settings = EvalSettings(batch_size=args.batch_size, progress=False)
-    print(f"shapes: {'tiny' if args.tiny else 'ViT-B/16'}; threads {args.threads}; batch {args.batch_size}")
+    model = model.to(args.device)
+    settings = EvalSettings(batch_size=args.batch_size, progress=False, device=args.device, dtype=args.dtype,
+                            num_workers=args.workers)
+    print(f"shapes: {'tiny' if args.tiny else 'ViT-B/16'}; device {args.device}; dtype {args.dtype}; "
+          f"threads {args.threads}; batch {args.batch_size}")
 
     with tempfile.TemporaryDirectory() as tmp:
         make_folder(Path(tmp), args.images, rng)
         data = read_urban1k(tmp)
         encode_images(model, processor.image_processor, data.image_paths[: args.batch_size], "global", settings)  # warm-up
         start = time.perf_counter()
-        _, kept, _ = encode_images(model, processor.image_processor, data.image_paths, "global", settings)
+        features, kept, _ = encode_images(model, processor.image_processor, data.image_paths, "global", settings)
+        sync(args.device)
         image_seconds = time.perf_counter() - start
+        if args.dtype != "fp32":  # autocast agreement with fp32 on the same images
+            reference, _, _ = encode_images(model, processor.image_processor, data.image_paths,
+                                            "global", EvalSettings(batch_size=args.batch_size, progress=False, device=args.device))
+            cosine = (features["image_embeds"].float() * reference["image_embeds"].float()).sum(-1)
+            print(f"{args.dtype} vs fp32 image embeddings: min cosine {cosine.min().item():.6f}")
         start = time.perf_counter()
         for path in data.image_paths:  # decoding + preprocessing alone
             with Image.open(path) as image:
@@ -104,14 +122,17 @@ def main():
         encode_texts(model, processor.tokenizer, texts[: args.batch_size], "global", settings)  # warm-up
         start = time.perf_counter()
         encode_texts(model, processor.tokenizer, texts, "global", settings)
+        sync(args.device)
         ours = time.perf_counter() - start
         # reference: stock CLIPTextModel forward on batches padded to 248 in input order (what a naive loop does)
-        text_model = model.to_text_model()
+        text_model = model.to_text_model().to(args.device)
         start = time.perf_counter()
         with torch.inference_mode():
             for i in range(0, len(texts), args.batch_size):
-                batch = processor(text=texts[i : i + args.batch_size], padding="max_length", return_tensors="pt")
-                text_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                batch = processor(text=texts[i : i + args.batch_size], padding="max_length", return_tensors="pt").to(args.device)
+                with autocast_context(torch.device(args.device), args.dtype):
+                    text_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        sync(args.device)
         naive = time.perf_counter() - start
         print(f"texts {label}: {args.texts / ours:8.2f} texts/s; padded-to-248 stock loop {args.texts / naive:8.2f} texts/s "
               f"(ratio ours/naive time {ours / naive:.2f})")
