@@ -72,7 +72,7 @@ def _run_evaluate(args) -> int:
             model, processor, benchmarks, args.data_root, scoring=args.scoring, settings=settings,
             fgovd_splits=splits, zeroshot_templates=args.templates, output=args.output, model_name=args.model,
         )
-    except (BenchmarkLayoutError, ValueError) as error:
+    except (BenchmarkLayoutError, ValueError, TypeError) as error:
         raise SystemExit(f"error: {error}") from error
     for name, metrics in report["benchmarks"].items():
         shown = {k: round(v, 2) for k, v in metrics.items() if isinstance(v, float) and ("R@" in k or "top" in k or "accuracy" in k)}

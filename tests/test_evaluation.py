@@ -404,6 +404,8 @@ def test_tci_scoring_on_betaclip_and_stock_clip_baseline(bench_root, processor, 
     assert stock["num_texts"] == 15
     with pytest.raises(ValueError, match="no retrieval interface"):
         evaluate(clip_model, processor, "coco", bench_root, scoring="fused", settings=SETTINGS)
+    with pytest.raises(TypeError, match="get_image_token_features"):
+        evaluate(clip_model, processor, "fgovd", bench_root, settings=SETTINGS)
     long_text = ["red " * 200]
     feats = encode_texts(clip_model, processor.tokenizer, long_text, settings=SETTINGS)
     assert feats["text_embeds"].shape[0] == 1  # no position overflow: truncated to the model's 77 positions

@@ -98,6 +98,11 @@ def region_features(patch_tokens: torch.Tensor, boxes_xyxy, crop_hw: tuple[int, 
 def evaluate_fgovd_split(model, processor, split: FGOVDSet, settings: EvalSettings | None = None) -> dict:
     """Accuracy on one FG-OVD split; boxes of unreadable images are skipped and counted."""
     settings = settings or EvalSettings()
+    if not hasattr(model, "get_image_token_features"):
+        raise TypeError(
+            f"FG-OVD pools patch tokens from `get_image_token_features`, which {type(model).__name__} lacks; "
+            "load the checkpoint as an hf_longclip model (e.g. LongCLIPModel.from_clip) to evaluate it"
+        )
     model.eval()
     device = model_device(model, settings)
     geometry = processed_geometry(processor.image_processor)
