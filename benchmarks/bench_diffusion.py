@@ -54,17 +54,6 @@ def _encoder(args, positions: int):
     return model
 
 
-def _time(fn, repeats: int, warmup: int = 2) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
-
-
 ENCODE_MODES = {"77": (77, 1), "248": (248, 1), "2x248": (248, 2)}  # positions, windows
 
 

@@ -78,10 +78,6 @@ def _width(encoder: nn.Module) -> int:
     return encoder.config.hidden_size
 
 
-def _describe(source: Any) -> str:
-    return repr(os.fspath(source)) if isinstance(source, (str, os.PathLike)) else type(source).__name__
-
-
 # ----------------------------------------------------------------------------------------------- encoders
 def stretch_text_encoder(
     text_encoder: TextEncoder, keep: int = 20, ratio: int = 4, target_length: int | None = None
