@@ -9,6 +9,8 @@ Modes, each run in its own subprocess (so that peak RSS is per mode), on the sam
 * ``packed_b3``: the same with ``text_length_buckets=3``.
 * ``packed_ckpt``: ``packed`` with the text tower checkpointed (``enable_text_gradient_checkpointing()``, as the
   authors do), which trades text recomputation for memory.
+* ``interleaved``: ``packed`` and ``authors`` on one model in one process, timed alternately (best of
+  ``--repeats`` rounds): the with/without ratio least disturbed by other load on a shared machine.
 * ``authors``: the authors' text layout: caption and sentence rows (padded slots included, as zero rows with EOT
   last) encoded together at the caption length, phrase rows (padded slots included, all zeros) at the phrase length.
   Everything else is the same model and loss.
@@ -61,6 +63,10 @@ def synthetic_caption(rng: random.Random, sentences: int) -> str:
 
 
 def build(args):
+    """(special token ids, collated batch); from `--batch-file` when given (no spaCy needed there)."""
+    if args.batch_file and os.path.exists(args.batch_file):
+        saved = torch.load(args.batch_file, weights_only=True)
+        return saved["special"], saved["batch"]
     from hf_longclip.data import BetaCLIPCollator
     from hf_longclip.data.tokenizer import build_clip_tokenizer
     from hf_longclip.processing_longclip import LongCLIPProcessor
@@ -79,13 +85,16 @@ def build(args):
     torch.manual_seed(0)
     examples = [{"pixel_values": torch.randn(3, args.image_size, args.image_size), **r} for r in records]
     batch = BetaCLIPCollator(processor, num_sentences=5, max_phrases=args.max_phrases, seed=0)(examples)
-    return tokenizer, batch
+    special = {"eos": tokenizer.eos_token_id, "bos": tokenizer.bos_token_id}
+    if args.batch_file:
+        torch.save({"special": special, "batch": dict(batch)}, args.batch_file)
+    return special, batch
 
 
-def model_config(args, tokenizer, positions=77):
+def model_config(args, special, positions=77):
     from transformers import CLIPConfig
 
-    eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
+    eos, bos = special["eos"], special["bos"]
     if args.full:
         text = dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8)
         vision = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
@@ -106,7 +115,7 @@ def authors_encode_queries(model, batch):
     phrase_ids, phrase_mask = batch["phrase_input_ids"], batch["phrase_mask"]
     b, length = ids.shape
     eos = model._eos_token_id()
-    sentences = torch.zeros(b, sentence_ids.shape[1], length, dtype=torch.long)
+    sentences = torch.zeros(b, sentence_ids.shape[1], length, dtype=torch.long, device=ids.device)
     width = min(length, sentence_ids.shape[2])
     sentences[..., :width] = sentence_ids[..., :width]
     sentences[~sentence_mask, -1] = eos
@@ -118,17 +127,70 @@ def authors_encode_queries(model, batch):
     return first[:, 0], torch.cat([first, phrases], dim=1), mask
 
 
-def run_mode(args) -> dict:
+def _sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def run_interleaved(args) -> dict:
+    """Packed vs authors' layout on the same model in one process, alternating, best of `repeats` rounds: the
+    ratio least affected by other load on a shared machine."""
     from hf_longclip import BetaCLIPModel
     from transformers import CLIPModel
 
     torch.set_num_threads(args.threads)
-    tokenizer, batch = build(args)
+    special, batch = build(args)
+    model = BetaCLIPModel.from_clip(CLIPModel(model_config(args, special))).train().to(args.device)
+    batch = {k: v.to(args.device) for k, v in batch.items()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+    query_keys = [k for k in batch if k != "pixel_values"]
+
+    def use(layout):
+        if layout == "authors":
+            model.encode_queries = lambda *a, **k: authors_encode_queries(model, batch)
+        elif "encode_queries" in model.__dict__:
+            del model.encode_queries
+
+    def text_only():
+        model.zero_grad(set_to_none=True)
+        model.encode_queries(**{k: batch[k] for k in query_keys})[1].sum().backward()
+
+    def train_step():
+        optimizer.zero_grad(set_to_none=True)
+        model(**batch, return_loss=True).loss.backward()
+        optimizer.step()
+        model.clamp_logit_scales()
+
+    best = {}
+    text_only()  # warm-up
+    for _ in range(args.repeats):
+        for what, fn in (("text", text_only), ("step", train_step)):
+            for layout in ("packed", "authors"):
+                use(layout)
+                _sync(args.device)
+                start = time.perf_counter()
+                fn()
+                _sync(args.device)
+                key = f"{layout}_{what}_s"
+                best[key] = min(best.get(key, float("inf")), time.perf_counter() - start)
+    use("packed")
+    return {"mode": "interleaved", **best}
+
+
+def run_mode(args) -> dict:
+    from hf_longclip import BetaCLIPModel
+    from transformers import CLIPModel
+
+    if args.mode == "interleaved":
+        return run_interleaved(args)
+    torch.set_num_threads(args.threads)
+    special, batch = build(args)
     # the stock floor reads the long captions directly (248 rows); beta-CLIP stretches a 77-row table to 248
-    clip = CLIPModel(model_config(args, tokenizer, 248 if args.mode == "stock" else 77))
+    clip = CLIPModel(model_config(args, special, 248 if args.mode == "stock" else 77))
     result = {"mode": args.mode}
+    batch = {k: v.to(args.device) for k, v in batch.items()}
     if args.mode == "stock":
-        model = clip.train()
+        model = clip.train().to(args.device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
 
         def text_part():
@@ -138,10 +200,11 @@ def run_mode(args) -> dict:
             img = F.normalize(model.get_image_features(pixel_values=batch["pixel_values"]).pooler_output, dim=-1)
             txt = F.normalize(text_part(), dim=-1)
             logits = model.logit_scale.exp() * img @ txt.t()
-            target = torch.arange(len(img))
+            target = torch.arange(len(img), device=img.device)
             return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
     else:
         model = BetaCLIPModel.from_clip(clip, text_length_buckets=3 if args.mode == "packed_b3" else 1).train()
+        model = model.to(args.device)
         del clip
         if args.mode == "packed_ckpt":
             model.enable_text_gradient_checkpointing()
@@ -166,8 +229,10 @@ def run_mode(args) -> dict:
     def timed(fn, repeats):
         best = float("inf")
         for _ in range(repeats):
+            _sync(args.device)
             start = time.perf_counter()
             fn()
+            _sync(args.device)
             best = min(best, time.perf_counter() - start)
         return best
 
@@ -188,6 +253,8 @@ def run_mode(args) -> dict:
     result["text_s"] = timed(text_only, args.repeats)
     result["step_s"] = timed(train_step, args.repeats)
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if str(args.device).startswith("cuda"):  # report GPU memory instead of host RSS
+        result["peak_rss_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return result
 
 
@@ -200,12 +267,16 @@ def main():
     parser.add_argument("--max-sentences", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (best is kept)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--modes", default="stock,packed,packed_b3,packed_ckpt,authors")
+    parser.add_argument("--modes", default="stock,packed,packed_b3,packed_ckpt,authors,interleaved")
+    parser.add_argument("--device", default="cpu", help="cpu (the reference setting) or cuda")
+    parser.add_argument("--batch-file", default=None, help="load the collated batch from this file, or save it there")
     parser.add_argument("--mode", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.batch = args.batch or (16 if args.full else 4)
     args.repeats = args.repeats or (1 if args.full else 3)
     args.image_size = 224 if args.full else 32
+    if args.batch_file and not os.path.exists(args.batch_file):
+        build(args)  # parse once here so that mode processes (and machines without spaCy) reuse the batch
     if args.mode:
         print(json.dumps(run_mode(args)))
         return
@@ -213,19 +284,29 @@ def main():
     for mode in args.modes.split(","):
         cmd = [sys.executable, __file__, "--mode", mode, "--batch", str(args.batch), "--repeats", str(args.repeats),
                "--threads", str(args.threads), "--max-phrases", str(args.max_phrases),
-               "--min-sentences", str(args.min_sentences), "--max-sentences", str(args.max_sentences)]
+               "--min-sentences", str(args.min_sentences), "--max-sentences", str(args.max_sentences),
+               "--device", args.device] + (["--batch-file", args.batch_file] if args.batch_file else [])
         if args.full:
             cmd.append("--full")
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
         results[mode] = json.loads(out)
         r = results[mode]
+        if mode == "interleaved":
+            print(
+                f"interleaved (same process, alternating, best of {args.repeats}): packed text {r['packed_text_s']:.3f}s "
+                f"vs authors {r['authors_text_s']:.3f}s ({r['packed_text_s'] / r['authors_text_s']:.2f}x); "
+                f"packed step {r['packed_step_s']:.3f}s vs authors {r['authors_step_s']:.3f}s "
+                f"({r['packed_step_s'] / r['authors_step_s']:.2f}x)",
+                flush=True,
+            )
+            continue
         print(
             f"{mode:10s} text {r['text_s']:8.3f}s  step {r['step_s']:8.3f}s  peak RSS {r['peak_rss_mib']:8.0f} MiB  "
             f"(slots {r['valid_slots']}/{r['slots']} valid; lengths caption {r['caption_len']}, "
             f"sentences {r['sentence_len']}, phrases {r['phrase_len']})",
             flush=True,
         )
-    print(f"shapes: {'ViT-B/16' if args.full else 'tiny'}, batch {args.batch}, threads {args.threads}, fp32 CPU")
+    print(f"shapes: {'ViT-B/16' if args.full else 'tiny'}, batch {args.batch}, threads {args.threads}, fp32 {args.device}")
     if "authors" in results:
         base = results["authors"]
         for mode in ("packed", "packed_b3", "packed_ckpt"):

@@ -513,3 +513,37 @@ def test_text_gradient_checkpointing_keeps_loss_and_gradients(clip_model, proces
     assert results[0][1].keys() == results[1][1].keys()
     for name, grad in results[0][1].items():
         torch.testing.assert_close(results[1][1][name], grad, atol=1e-5, rtol=1e-4)
+
+
+def test_trust_remote_code_without_package(beta_model, processor, tmp_path):
+    beta_model.save_pretrained(tmp_path / "model")
+    batch = _batch(processor, CAPTIONS)
+    with torch.no_grad():
+        expected = beta_model(**batch, return_loss=True)
+    torch.save({"batch": dict(batch), "loss": expected.loss, "cond": expected.conditioned_image_embeds}, tmp_path / "case.pt")
+    script = textwrap.dedent(
+        f"""
+        import importlib.abc, sys
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] == "hf_longclip":
+                    raise ImportError("hf_longclip is blocked in this process")
+        sys.meta_path.insert(0, Block())
+        import torch
+        from transformers import AutoModel
+        model = AutoModel.from_pretrained(r"{tmp_path / 'model'}", trust_remote_code=True)
+        case = torch.load(r"{tmp_path / 'case.pt'}", weights_only=True)
+        with torch.no_grad():
+            out = model(**case["batch"], return_loss=True)
+        assert type(model).__name__ == "BetaCLIPModel", type(model)
+        assert "hf_longclip" not in sys.modules
+        assert torch.allclose(out.loss, case["loss"], rtol=0, atol=1e-5), (out.loss, case["loss"])
+        assert torch.allclose(out.conditioned_image_embeds, case["cond"], rtol=0, atol=1e-5)
+        print("REMOTE_OK")
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": ""},
+        timeout=300,
+    )
+    assert "REMOTE_OK" in result.stdout, result.stderr[-3000:]
