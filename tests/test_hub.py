@@ -13,7 +13,7 @@ import torch
 from huggingface_hub import ModelCard
 from transformers import AutoModel, AutoProcessor, CLIPModel, CLIPTextModel, CLIPTokenizer
 
-from hf_longclip import BetaCLIPModel, FineLIPModel, LongCLIPModel
+from hf_longclip import BetaCLIPModel, FineLIPModel, FixCLIPModel, LongCLIPModel, MulCLIPModel
 from hf_longclip.hub import eval_results_from_json, push_to_hub, render_model_card, save_for_hub
 from hf_longclip.testing_utils import tiny_clip
 
@@ -52,9 +52,14 @@ def _outputs(model, processor):
 
 
 # ----------------------------------------------------------------------------------------------- cards
-@pytest.mark.parametrize("cls, title", [(LongCLIPModel, "Long-CLIP"), (FineLIPModel, "FineLIP"), (BetaCLIPModel, "beta-CLIP")])
+@pytest.mark.parametrize(
+    "cls, title",
+    [(LongCLIPModel, "Long-CLIP"), (FineLIPModel, "FineLIP"), (BetaCLIPModel, "beta-CLIP"), (FixCLIPModel, "Fix-CLIP"),
+     (MulCLIPModel, "MulCLIP")],
+)
 def test_card_parses_and_carries_the_numbers(processor, cls, title):
-    model = cls.from_clip(tiny_clip(processor=processor))
+    extra = {"num_groups": 2, "group_align_start": 1} if cls is FixCLIPModel else {}  # tiny towers: 2 layers
+    model = cls.from_clip(tiny_clip(processor=processor), **extra)
     card = render_model_card(model, RESULTS, repo_id="me/tiny", base_model="openai/clip-vit-base-patch16",
                              datasets=["Lin-Chen/ShareGPT4V"], training_recipe={"learning_rate": 1e-6, "epochs": 2})
     parsed = ModelCard(str(card))
