@@ -229,9 +229,10 @@ def main():
     )
     results = {}
     for mode in args.modes.split(","):
-        command = [sys.executable, __file__, "--mode", mode] + [
-            a for a in sys.argv[1:] if not a.startswith("--modes")
-        ]
+        command = [sys.executable, __file__, "--mode", mode, "--device", args.device, "--threads", str(args.threads),
+                   "--batch", str(args.batch), "--repeats", str(args.repeats), "--min-sentences", str(args.min_sentences),
+                   "--max-sentences", str(args.max_sentences), "--max-subcaptions", str(args.max_subcaptions)]
+        command += ["--full"] if args.full else []
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode:
             print(f"{mode}: failed\n{done.stderr[-2000:]}")
