@@ -473,3 +473,39 @@ def test_bad_inputs_give_finite_losses(mul_model, processor):
     # captions longer than the position table are refused with a clear message, not an index error
     with pytest.raises(ValueError, match="at most 248"):
         mul_model(input_ids=torch.zeros(1, 249, dtype=torch.long), pixel_values=batch["pixel_values"][:1])
+
+
+def test_trust_remote_code_without_package(mul_model, processor, tmp_path):
+    import textwrap
+
+    mul_model.save_pretrained(tmp_path / "model")
+    batch = _batch(processor, CAPTIONS)
+    with torch.no_grad():
+        expected = mul_model(**batch, return_loss=True)
+    torch.save({"batch": dict(batch), "loss": expected.loss, "sub": expected.loss_sub}, tmp_path / "case.pt")
+    script = textwrap.dedent(
+        f"""
+        import importlib.abc, sys
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] == "hf_longclip":
+                    raise ImportError("hf_longclip is blocked in this process")
+        sys.meta_path.insert(0, Block())
+        import torch
+        from transformers import AutoModel
+        model = AutoModel.from_pretrained(r"{tmp_path / 'model'}", trust_remote_code=True)
+        case = torch.load(r"{tmp_path / 'case.pt'}", weights_only=True)
+        with torch.no_grad():
+            out = model(**case["batch"], return_loss=True)
+        assert type(model).__name__ == "MulCLIPModel", type(model)
+        assert "hf_longclip" not in sys.modules
+        assert torch.allclose(out.loss, case["loss"], rtol=0, atol=1e-5), (out.loss, case["loss"])
+        assert torch.allclose(out.loss_sub, case["sub"], rtol=0, atol=1e-5)
+        print("REMOTE_OK")
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": ""},
+        timeout=300,
+    )
+    assert "REMOTE_OK" in result.stdout, result.stderr[-3000:]
