@@ -9,11 +9,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from accelerate import debug_launcher
 from transformers import AutoModel, CLIPTextModel
 
 from hf_longclip import FixCLIPConfig, FixCLIPModel, LongCLIPModel
 from hf_longclip.data import FixCLIPCollator
 from hf_longclip.losses import local_contrastive_loss
+from hf_longclip.testing_utils import tiny_clip, tiny_processor
 from hf_longclip.text.sentences import first_sentence
 from hf_longclip.modeling_fixclip import (
     gaussian_group_weights,
@@ -521,3 +523,54 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(clip_model, ba
     torch.testing.assert_close(again.loss, out.loss)
     for name, grad in reference.items():
         torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------- distributed
+def _distributed_setup():
+    """Identical model, global batch and global patch mask in every process (seeded)."""
+    processor = tiny_processor()
+    model = _fixclip(tiny_clip(seed=3, processor=processor), num_groups=2, group_align_start=1).train()
+    torch.manual_seed(7)
+    examples = [{"pixel_values": torch.randn(3, 32, 32), "caption": c} for c in CAPTIONS + CAPTIONS[:2]]
+    batch = FixCLIPCollator(processor)(examples)
+    batch["patch_mask"] = random_patch_mask(len(examples), 16, 0.75, generator=11)
+    return model, batch
+
+
+def _distributed_worker(result_path):
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    rank = accelerator.process_index
+    model, batch = _distributed_setup()
+    rows = slice(3 * rank, 3 * rank + 3)
+    out = model(**{k: v[rows] for k, v in batch.items()}, return_loss=True)
+    out.loss.backward()
+    grads = {}
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            g = p.grad.clone()
+            torch.distributed.all_reduce(g)
+            grads[name] = g / 2  # DDP's gradient averaging
+    terms = torch.stack([out.loss, out.loss_long, out.loss_short, *out.loss_groups]).detach()
+    mean = accelerator.reduce(terms, reduction="mean")
+    if rank == 0:
+        torch.save({"terms": mean, "grads": grads}, result_path)
+
+
+def test_two_processes_match_one_process(tmp_path):
+    """Every term (long, short, each group) uses every rank's features as negatives: the mean of the rank losses and
+    the DDP-averaged gradients equal one process holding the global batch."""
+    result = tmp_path / "fixclip_dist.pt"
+    debug_launcher(_distributed_worker, args=(str(result),), num_processes=2)
+    dist = torch.load(result, weights_only=True)
+    model, batch = _distributed_setup()
+    out = model(**batch, return_loss=True)
+    out.loss.backward()
+    terms = torch.stack([out.loss, out.loss_long, out.loss_short, *out.loss_groups]).detach()
+    torch.testing.assert_close(dist["terms"], terms, rtol=1e-5, atol=1e-6)
+    for name in ("regional_prompts.prompts", "mask_token", "vision_group_heads.0.proj.weight", "text_group_heads.1.proj.weight"):
+        assert name in dist["grads"], name
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(dist["grads"][name], p.grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
