@@ -74,4 +74,41 @@ def tiny_clip(seed: int = 0, processor: LongCLIPProcessor | None = None, **confi
     return CLIPModel(tiny_clip_config(**config_kwargs)).eval()
 
 
-__all__ = ["DEFAULT_WORDS", "tiny_clip", "tiny_clip_config", "tiny_processor"]
+__all__ = ["DEFAULT_WORDS", "spawn_distributed", "tiny_clip", "tiny_clip_config", "tiny_processor"]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def spawn_distributed(function, args: tuple = (), num_processes: int = 2) -> None:
+    """Run ``function(*args)`` in ``num_processes`` CPU processes joined in a gloo process group (accelerate's
+    environment variables set, so ``Accelerator(cpu=True)`` inside sees the group).
+
+    Like `accelerate.debug_launcher`, but the workers are *spawned*, not forked, and use a free port: a fork of a
+    process whose torch/OpenMP thread pools already ran can block forever in its first parallel op, and the fixed
+    port 29500 collides with concurrent runs. ``function`` must be importable (a module-level function); spawned
+    workers re-import its module with the parent's ``sys.path``.
+    """
+    import os
+    import tempfile
+
+    from accelerate.utils import PrepareForLaunch, patch_environment
+    from torch.multiprocessing import start_processes
+
+    # The process group deletes its rendezvous file when done, so it lives in a temporary folder.
+    with tempfile.TemporaryDirectory() as folder, patch_environment(
+        world_size=num_processes,
+        master_addr="127.0.0.1",
+        master_port=str(_free_port()),
+        accelerate_mixed_precision="no",
+        accelerate_debug_rdv_file=os.path.join(folder, "rdv"),
+        accelerate_use_cpu="yes",
+        gloo_socket_ifname="lo",
+        omp_num_threads="1",
+    ):
+        start_processes(PrepareForLaunch(function, debug=True), args=args, nprocs=num_processes, start_method="spawn")

@@ -15,6 +15,7 @@ from transformers import AutoModel, CLIPModel
 from hf_longclip import BetaCLIPConfig, BetaCLIPModel, TextConditionedPooler
 from hf_longclip.beta_cal import BetaCALoss, beta_cal_bce_loss, beta_cal_ce_loss
 from hf_longclip.data import BetaCLIPCollator
+from hf_longclip.testing_utils import spawn_distributed
 from hf_longclip.text import parse_hierarchies
 
 # ---------------------------------------------------------------------------------------------- beta-CAL by hand
@@ -469,20 +470,7 @@ def test_global_loss_on_two_processes_matches_one(tmp_path):
     from hf_longclip.modeling_betaclip import global_contrastive_loss
 
     result = tmp_path / "result.pt"
-    # A fresh interpreter: debug_launcher forks, and forking a process that has already run spaCy / torch thread
-    # pools can deadlock the children.
-    script = textwrap.dedent(
-        f"""
-        import importlib.util
-        from accelerate import debug_launcher
-        spec = importlib.util.spec_from_file_location("betaclip_tests", {__file__!r})
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        debug_launcher(module._global_loss_worker, args=({str(result)!r},), num_processes=2)
-        """
-    )
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
+    spawn_distributed(_global_loss_worker, args=(str(result),))
     out = torch.load(result, weights_only=True)
     torch.manual_seed(11)
     images = F.normalize(torch.randn(6, 8), dim=-1).requires_grad_()

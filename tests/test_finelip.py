@@ -8,14 +8,13 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
-from accelerate import debug_launcher
 from transformers import AutoModel, CLIPModel
 
 from hf_longclip import FineLIPConfig, FineLIPModel
 from hf_longclip.data import FineLIPCollator
 from hf_longclip.data.collate_finelip import stable_image_id
 from hf_longclip.late_interaction import bidirectional_hinge_loss, clim_scores, hinge_warmup_alpha
-from hf_longclip.testing_utils import tiny_clip, tiny_processor
+from hf_longclip.testing_utils import spawn_distributed, tiny_clip, tiny_processor
 from hf_longclip.token_aggregation import TokenAggregation
 
 CAPTIONS = [
@@ -335,7 +334,7 @@ def _finelip_two_process_worker(result_path):
 
 def test_two_processes_match_one_process(tmp_path):
     result = tmp_path / "finelip_dist.pt"
-    debug_launcher(_finelip_two_process_worker, args=(str(result),), num_processes=2)
+    spawn_distributed(_finelip_two_process_worker, args=(str(result),))
     dist = torch.load(result, weights_only=True)
     model, batch = _dist_setup()
     out = model(**batch, return_loss=True, warmup_alpha=0.5)

@@ -5,7 +5,6 @@ bad configs."""
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from transformers import AutoModel, CLIPTextModel
 from hf_longclip import FixCLIPConfig, FixCLIPModel, LongCLIPModel
 from hf_longclip.data import FixCLIPCollator
 from hf_longclip.losses import local_contrastive_loss
-from hf_longclip.testing_utils import tiny_clip, tiny_processor
+from hf_longclip.testing_utils import spawn_distributed, tiny_clip, tiny_processor
 from hf_longclip.text.sentences import first_sentence
 from hf_longclip.modeling_fixclip import (
     gaussian_group_weights,
@@ -558,44 +557,11 @@ def _distributed_worker(result_path):
         torch.save({"terms": mean, "grads": grads}, result_path)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _spawn_launcher(function, args, num_processes=2):
-    """`accelerate.debug_launcher` with *spawned* workers and a free port.
-
-    debug_launcher forks the pytest process; after earlier tests have run torch's OpenMP thread pool, a forked child
-    can block forever in its first parallel op, and its fixed port 29500 collides with concurrent runs on a shared
-    machine. Spawned workers start clean (they re-import this module)."""
-    import tempfile
-
-    from accelerate.utils import PrepareForLaunch, patch_environment
-    from torch.multiprocessing import start_processes
-
-    # (the process group deletes its rendezvous file when done, so it lives in a temporary folder)
-    with tempfile.TemporaryDirectory() as folder, patch_environment(
-        world_size=num_processes,
-        master_addr="127.0.0.1",
-        master_port=str(_free_port()),
-        accelerate_mixed_precision="no",
-        accelerate_debug_rdv_file=os.path.join(folder, "rdv"),
-        accelerate_use_cpu="yes",
-        gloo_socket_ifname="lo",
-        omp_num_threads="1",
-    ):
-        start_processes(PrepareForLaunch(function, debug=True), args=args, nprocs=num_processes, start_method="spawn")
-
-
 def test_two_processes_match_one_process(tmp_path):
     """Every term (long, short, each group) uses every rank's features as negatives: the mean of the rank losses and
     the DDP-averaged gradients equal one process holding the global batch."""
     result = tmp_path / "fixclip_dist.pt"
-    _spawn_launcher(_distributed_worker, args=(str(result),))
+    spawn_distributed(_distributed_worker, args=(str(result),))
     dist = torch.load(result, weights_only=True)
     model, batch = _distributed_setup()
     out = model(**batch, return_loss=True)

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +20,7 @@ from hf_longclip.mulclip_losses import (
     subcaption_contrastive_loss,
     word_reconstruction_loss,
 )
+from hf_longclip.testing_utils import spawn_distributed
 
 CAPTIONS = [
     "a red dog sitting on the grass. a cat on a chair. the sky is blue",
@@ -209,18 +208,7 @@ def _sub_loss_worker(result_path):
 
 def test_sub_loss_on_two_processes_matches_one(tmp_path):
     result = tmp_path / "result.pt"
-    # debug_launcher forks; a fork of this pytest process (whose torch thread pools are already running) can hang in
-    # the children's process-group set-up, so the launcher runs from a fresh interpreter.
-    script = (
-        "import sys; sys.path.insert(0, sys.argv[1]); from accelerate import debug_launcher; "
-        "import test_mulclip; debug_launcher(test_mulclip._sub_loss_worker, args=(sys.argv[2],), num_processes=2)"
-    )
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [sys.executable, "-c", script, str(Path(__file__).parent), str(result)], env=env, capture_output=True,
-        text=True, timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    spawn_distributed(_sub_loss_worker, args=(str(result),))
     out = torch.load(result, weights_only=True)
     torch.manual_seed(11)
     pooled = F.normalize(torch.randn(5, 3, 8, dtype=torch.float64), dim=-1).requires_grad_()
