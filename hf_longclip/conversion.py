@@ -51,13 +51,31 @@ def _count_blocks(state: dict[str, torch.Tensor], prefix: str) -> int:
     return max(indices) + 1 if indices else 0
 
 
-def config_from_original(state: dict[str, torch.Tensor], position_keep: int = 20, **overrides) -> LongCLIPConfig:
-    """Infer a `LongCLIPConfig` from the tensor shapes of an original checkpoint (ViT image towers only)."""
+def config_from_original(
+    state: dict[str, torch.Tensor],
+    position_keep: int = 20,
+    text_num_heads: int | None = None,
+    vision_num_heads: int | None = None,
+    **overrides,
+) -> LongCLIPConfig:
+    """Infer a `LongCLIPConfig` from the tensor shapes of an original checkpoint (ViT image towers only).
+
+    The head counts are not stored in the file; OpenAI's CLIPs use one head per 64 channels (8 / 12 / 16 for widths
+    512 / 768 / 1024), which is the default. Pass `text_num_heads` / `vision_num_heads` for other models.
+    """
     if "visual.conv1.weight" not in state:
         raise ValueError("only ViT image towers are supported (no visual.conv1.weight in the checkpoint)")
     vision_width, _, patch, _ = state["visual.conv1.weight"].shape
     grid = int(round(math.sqrt(state["visual.positional_embedding"].shape[0] - 1)))
     text_width = state["ln_final.weight"].shape[0]
+    text_num_heads = text_num_heads or text_width // 64
+    vision_num_heads = vision_num_heads or vision_width // 64
+    for tower, width, heads in (("text", text_width, text_num_heads), ("vision", vision_width, vision_num_heads)):
+        if heads < 1 or width % heads:
+            raise ValueError(
+                f"cannot infer the {tower} tower's attention heads from width {width}; pass {tower}_num_heads"
+            )
+    vocab = state["token_embedding.weight"].shape[0]
     table = state.get("positional_embedding_res", state["positional_embedding"])
     rows = table.shape[0]
     source = overrides.pop("source_max_position_embeddings", CLIP_CONTEXT_LENGTH)
@@ -71,11 +89,14 @@ def config_from_original(state: dict[str, torch.Tensor], position_keep: int = 20
     validate_stretch(source, position_keep, ratio, target_length=rows)
     return LongCLIPConfig(
         text_config=dict(
-            vocab_size=state["token_embedding.weight"].shape[0],
+            vocab_size=vocab,
+            # OpenAI's BPE puts <|startoftext|> and <|endoftext|> last (49406, 49407); pooling looks for the latter.
+            bos_token_id=vocab - 2,
+            eos_token_id=vocab - 1,
             hidden_size=text_width,
             intermediate_size=state["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
             num_hidden_layers=_count_blocks(state, "transformer.resblocks."),
-            num_attention_heads=text_width // 64,
+            num_attention_heads=text_num_heads,
             max_position_embeddings=rows,
             projection_dim=state["text_projection"].shape[1],
         ),
@@ -83,7 +104,7 @@ def config_from_original(state: dict[str, torch.Tensor], position_keep: int = 20
             hidden_size=vision_width,
             intermediate_size=state["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
             num_hidden_layers=_count_blocks(state, "visual.transformer.resblocks."),
-            num_attention_heads=vision_width // 64,
+            num_attention_heads=vision_num_heads,
             image_size=grid * patch,
             patch_size=patch,
             projection_dim=state["text_projection"].shape[1],
@@ -143,7 +164,13 @@ def convert_original_state_dict(state: dict[str, torch.Tensor], config: LongCLIP
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def convert_original_checkpoint(path: str | os.PathLike, position_keep: int = 20, **config_overrides) -> LongCLIPModel:
+def convert_original_checkpoint(
+    path: str | os.PathLike,
+    position_keep: int = 20,
+    text_num_heads: int | None = None,
+    vision_num_heads: int | None = None,
+    **config_overrides,
+) -> LongCLIPModel:
     """Load an original Long-CLIP ``.pt`` file as a `LongCLIPModel` (fp32), ready for `save_pretrained`.
 
     Example:
@@ -156,7 +183,9 @@ def convert_original_checkpoint(path: str | os.PathLike, position_keep: int = 20
     """
     state = load_original_state_dict(path)
     known = {k for k in state if k.split(".")[0] not in _IGNORED and k not in _IGNORED}
-    config = config_from_original(state, position_keep=position_keep, **config_overrides)
+    config = config_from_original(
+        state, position_keep, text_num_heads=text_num_heads, vision_num_heads=vision_num_heads, **config_overrides
+    )
     converted = convert_original_state_dict({k: state[k].float() for k in known}, config)
     model = LongCLIPModel(config)
     model.load_state_dict(converted, strict=True)

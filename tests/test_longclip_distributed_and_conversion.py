@@ -2,6 +2,7 @@
 
 import os
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -231,7 +232,9 @@ def test_convert_original_checkpoint(tmp_path):
     state = _to_openai_layout(source, keep=20)
     path = tmp_path / "longclip-tiny.pt"
     torch.save(state, path)
-    model = convert_original_checkpoint(path)
+    with pytest.raises(ValueError, match="text_num_heads"):  # width 32: heads cannot be inferred as width // 64
+        convert_original_checkpoint(path)
+    model = convert_original_checkpoint(path, text_num_heads=4, vision_num_heads=4)
     assert model.config.text_config.max_position_embeddings == 248
     assert model.config.vision_config.image_size == 32 and model.config.vision_config.patch_size == 8
     merged = model.text_model.embeddings.position_embedding.weight
@@ -255,16 +258,12 @@ def test_convert_rejects_wrong_table_size(tmp_path):
     state = _to_openai_layout(source, keep=20)
     state["positional_embedding_res"] = state["positional_embedding_res"][:100]
     torch.save(state, tmp_path / "bad.pt")
-    import pytest
-
     with pytest.raises(ValueError, match="100"):
-        convert_original_checkpoint(tmp_path / "bad.pt")
+        convert_original_checkpoint(tmp_path / "bad.pt", text_num_heads=4, vision_num_heads=4)
 
 
 def test_convert_refuses_pickled_code(tmp_path):
     """weights_only=True: a checkpoint carrying an arbitrary object is rejected, not executed."""
-    import pytest
-
     class Evil:
         def __reduce__(self):
             return (os.system, ("echo pwned",))
