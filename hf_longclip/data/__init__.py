@@ -1,4 +1,4 @@
-"""Data: tokenizers built locally, synthetic demo data, per-variant collators."""
+"""Data: tokenizers built locally, synthetic demo data, per-variant collators, readers, transforms and datasets."""
 
 from .collate import LongCLIPCollator
 from .collate_fixclip import FixCLIPCollator
@@ -6,5 +6,47 @@ from .collate_betaclip import BetaCLIPCollator
 from .collate_mulclip import MulCLIPCollator
 from .collate_finelip import FineLIPCollator
 from .tokenizer import build_clip_tokenizer
+from .images import BadImageError, load_image
+from .transforms import EvalTransform, TrainTransform, build_transform, transform_from_processor
+from .sources import (
+    TrainingSourceSpec,
+    load_hf_dataset,
+    open_training_source,
+    read_caption_table,
+    read_sharegpt4v,
+)
+from .dataset import (
+    BadSampleError,
+    IterableLongCaptionDataset,
+    LongCaptionDataset,
+    SkipCounter,
+    SkipCountingCollator,
+    SkippedSample,
+    ValidationReport,
+    make_dataloader,
+    validate_records,
+)
 
 __all__ = ["FixCLIPCollator", "FineLIPCollator", "MulCLIPCollator", "BetaCLIPCollator", "LongCLIPCollator", "build_clip_tokenizer"]
+__all__ += [
+    "BadImageError",
+    "BadSampleError",
+    "EvalTransform",
+    "IterableLongCaptionDataset",
+    "LongCaptionDataset",
+    "SkipCounter",
+    "SkipCountingCollator",
+    "SkippedSample",
+    "TrainTransform",
+    "TrainingSourceSpec",
+    "ValidationReport",
+    "build_transform",
+    "load_hf_dataset",
+    "load_image",
+    "make_dataloader",
+    "open_training_source",
+    "read_caption_table",
+    "read_sharegpt4v",
+    "transform_from_processor",
+    "validate_records",
+]
