@@ -556,3 +556,20 @@ def test_make_dataloader_shuffles_reproducibly():
     loader = make_dataloader(_Numbers(), _collate, batch_size=5, shuffle=False)
     assert len(list(loader)) == 4  # drop_last by default
     assert loader.pin_memory == torch.cuda.is_available()
+
+
+def test_seeded_augmentation_is_a_function_of_sample_and_epoch(tmp_path):
+    """With a seed, random crops depend only on (seed, epoch, index): order, workers and restarts cannot change them."""
+    paths = [_save(_rgb(48, 40, seed=i), tmp_path / f"s{i}.png") for i in range(4)]
+    records = [{"image": p, "caption": f"picture {i}", "sentences": [f"picture {i}"]} for i, p in enumerate(paths)]
+    transform = TrainTransform(size=16, scale=(0.2, 0.6))
+    first = LongCaptionDataset(records, transform, seed=3, passthrough=("sentences",))
+    again = LongCaptionDataset(records, transform, seed=3)
+    crops = [first[i]["pixel_values"] for i in range(4)]
+    assert first[2]["sentences"] == ["picture 2"] and "sentences" not in again[2]
+    for i in reversed(range(4)):  # another access order gives the same crops
+        assert torch.equal(again[i]["pixel_values"], crops[i])
+    again.set_epoch(1)
+    assert not all(torch.equal(again[i]["pixel_values"], crops[i]) for i in range(4))
+    other_seed = LongCaptionDataset(records, transform, seed=4)
+    assert not all(torch.equal(other_seed[i]["pixel_values"], crops[i]) for i in range(4))

@@ -92,11 +92,17 @@ def prepare_sample(
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     image_root: str | os.PathLike | None = None,
     default_id: Any = None,
+    passthrough: Sequence[str] = (),
+    rng: random.Random | None = None,
 ) -> dict[str, Any] | SkippedSample:
     """Turn one record into a training example, or a `SkippedSample` if its data is bad.
 
     The caption is checked first (cheap), then the image is loaded with `load_image` and transformed. The short
     caption is the record's own when it is a non-empty string, else the long caption's first sentence.
+
+    `passthrough` names record keys copied into the example as they are (e.g. beta-CLIP's parsed ``sentences`` /
+    ``phrases``). `rng`, when given, is passed to the transform (``transform(image, rng=rng)``) so random
+    augmentations can be a function of the sample rather than of a shared RNG stream.
 
     Returns:
         ``{"pixel_values", "caption", "short_caption", "id"}`` (``"image"``, a PIL image, instead of
@@ -123,8 +129,17 @@ def prepare_sample(
     if transform is None:
         example["image"] = image
     else:
-        example["pixel_values"] = transform(image)
+        example["pixel_values"] = transform(image) if rng is None else transform(image, rng=rng)
+    for key in passthrough:
+        if key in record:
+            example[key] = record[key]
     return example
+
+
+def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
+    """A `random.Random` that depends only on (seed, epoch, sample index): augmentations drawn from it are the same
+    whatever the number of workers, the prefetching, or where a resumed run restarted."""
+    return random.Random((seed * 1_000_003 + epoch) * 10_000_019 + index)
 
 
 class LongCaptionDataset(Dataset):
@@ -144,6 +159,9 @@ class LongCaptionDataset(Dataset):
         strict (`bool`, defaults to `False`): raise `BadSampleError` on the first bad sample instead.
         max_image_pixels (`int`, *optional*): see `load_image`.
         image_root (*optional*): folder relative image paths are resolved against (readers already resolve theirs).
+        passthrough (`Sequence[str]`): record keys copied into each example (e.g. parsed caption hierarchies).
+        seed (`int`, *optional*): make random transforms a function of (seed, epoch, index) via `sample_rng`
+            (the transform must accept ``rng=``); call `set_epoch` every epoch.
 
     Example:
 
@@ -166,6 +184,8 @@ class LongCaptionDataset(Dataset):
         strict: bool = False,
         max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
         image_root: str | os.PathLike | None = None,
+        passthrough: Sequence[str] = (),
+        seed: int | None = None,
     ):
         self.records = records
         self.transform = transform
@@ -173,6 +193,13 @@ class LongCaptionDataset(Dataset):
         self.strict = strict
         self.max_image_pixels = max_image_pixels
         self.image_root = image_root
+        self.passthrough = tuple(passthrough)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Epoch of the per-sample augmentation RNG (with `seed`); set it before creating each epoch's iterator."""
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.records)
@@ -187,6 +214,8 @@ class LongCaptionDataset(Dataset):
             self.max_image_pixels,
             self.image_root,
             default_id=index,
+            passthrough=self.passthrough,
+            rng=None if self.seed is None else sample_rng(self.seed, self.epoch, index),
         )
         if self.strict and isinstance(sample, SkippedSample):
             raise BadSampleError.from_skipped(sample)
@@ -246,6 +275,7 @@ class IterableLongCaptionDataset(IterableDataset):
         image_root: str | os.PathLike | None = None,
         rank: int = 0,
         world_size: int = 1,
+        passthrough: Sequence[str] = (),
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
@@ -257,6 +287,7 @@ class IterableLongCaptionDataset(IterableDataset):
         self.image_root = image_root
         self.rank = rank
         self.world_size = world_size
+        self.passthrough = tuple(passthrough)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -291,7 +322,8 @@ class IterableLongCaptionDataset(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any] | SkippedSample]:
         for index, default_id, record in self._indexed_records():
             sample = prepare_sample(
-                record, index, self.transform, self.columns, self.max_image_pixels, self.image_root, default_id
+                record, index, self.transform, self.columns, self.max_image_pixels, self.image_root, default_id,
+                passthrough=self.passthrough,
             )
             if self.strict and isinstance(sample, SkippedSample):
                 raise BadSampleError.from_skipped(sample)
