@@ -75,6 +75,9 @@ class LongCLIPConfig(CLIPConfig):
             Number of principal components kept for the short-caption image features.
         label_smoothing (`float`, *optional*, defaults to 0.1):
             Label smoothing of every cross-entropy term.
+        pca_scope (`str`, *optional*, defaults to `"local"`):
+            Batch the principal components are computed over: `"local"` (each process's batch, the authors' code) or
+            `"global"` (all processes' features, so the loss does not depend on the number of processes).
 
     Example:
 
@@ -98,6 +101,7 @@ class LongCLIPConfig(CLIPConfig):
     short_loss_weight: float = 1.0
     pca_components: int = 32
     label_smoothing: float = 0.1
+    pca_scope: str = "local"
 
     def __post_init__(self, **kwargs):
         # Reject the legacy `*_config_dict` keys: CLIPConfig would merge them over `text_config`, which silently
@@ -112,6 +116,8 @@ class LongCLIPConfig(CLIPConfig):
             self.text_config = {**self.text_config, "max_position_embeddings": target}
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.pca_scope not in ("local", "global"):
+            raise ValueError(f"pca_scope must be 'local' or 'global', got {self.pca_scope!r}")
         if self.pca_components < 1:
             raise ValueError(f"pca_components must be >= 1, got {self.pca_components}")
         super().__post_init__(**kwargs)

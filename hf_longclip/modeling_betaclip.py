@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -568,6 +569,44 @@ class BetaCLIPModel(LongCLIPModel):
         Returns:
             [`BetaCLIPOutput`]
         """
+        features = self.loss_features(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            sentence_input_ids=sentence_input_ids,
+            sentence_attention_mask=sentence_attention_mask,
+            sentence_mask=sentence_mask,
+            phrase_input_ids=phrase_input_ids,
+            phrase_attention_mask=phrase_attention_mask,
+            phrase_mask=phrase_mask,
+            caption_query_mask=caption_query_mask,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+        )
+        output = self.loss_from_features(features, return_loss=bool(return_loss))
+        if return_dict is False:
+            return output.to_tuple()
+        return output
+
+    # ------------------------------------------------------------------ two-stage training interface
+    def loss_features(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        sentence_input_ids: torch.LongTensor | None = None,
+        sentence_attention_mask: torch.Tensor | None = None,
+        sentence_mask: torch.BoolTensor | None = None,
+        phrase_input_ids: torch.LongTensor | None = None,
+        phrase_attention_mask: torch.Tensor | None = None,
+        phrase_mask: torch.BoolTensor | None = None,
+        caption_query_mask: torch.BoolTensor | None = None,
+        interpolate_pos_encoding: bool = False,
+        **kwargs,
+    ) -> dict[str, Any]:
+        """Per-sample features of the loss (see `LongCLIPModel.loss_features`): normalised CLS and caption
+        embeddings, the pooling block's keys (``image_tokens``, `(B, P, D)`), and the query embeddings with their
+        slot mask (``query_embeds`` `(B, K, D)`, ``query_mask`` `(B, K)`). The pooling block runs in
+        `loss_from_features`."""
         if input_ids is None or pixel_values is None:
             raise ValueError("BetaCLIPModel.forward needs both input_ids and pixel_values")
         if input_ids.shape[0] != pixel_values.shape[0]:
@@ -587,9 +626,20 @@ class BetaCLIPModel(LongCLIPModel):
             phrase_mask,
             caption_query_mask,
         )
-        conditioned = self.text_conditioned_pooler(query_embeds, self._pooler_keys(cls_embeds, patch_embeds))
-        image_embeds = F.normalize(cls_embeds, dim=-1)
-        text_embeds = F.normalize(caption_embeds, dim=-1)
+        return {
+            "image_embeds": F.normalize(cls_embeds, dim=-1),
+            "text_embeds": F.normalize(caption_embeds, dim=-1),
+            "image_tokens": self._pooler_keys(cls_embeds, patch_embeds),
+            "query_embeds": query_embeds,
+            "query_mask": query_mask,
+        }
+
+    def loss_from_features(self, features: dict[str, Any], return_loss: bool = True, **kwargs) -> BetaCLIPOutput:
+        """Text-conditioned pooling, logits and (with `return_loss`) the global loss and beta-CAL from
+        `loss_features` output (possibly concatenated over micro-batches)."""
+        image_embeds, text_embeds = features["image_embeds"], features["text_embeds"]
+        query_embeds, query_mask = features["query_embeds"], features["query_mask"]
+        conditioned = self.text_conditioned_pooler(query_embeds, features["image_tokens"])
         logits_per_text = self.logit_scale.exp() * text_embeds @ image_embeds.t()
 
         loss = loss_global = loss_beta_cal = None
@@ -603,7 +653,7 @@ class BetaCLIPModel(LongCLIPModel):
             )
             loss = cfg.global_loss_weight * loss_global + cfg.beta_cal_loss_weight * loss_beta_cal
 
-        output = BetaCLIPOutput(
+        return BetaCLIPOutput(
             loss=loss,
             loss_global=loss_global,
             loss_beta_cal=loss_beta_cal,
@@ -615,9 +665,6 @@ class BetaCLIPModel(LongCLIPModel):
             conditioned_image_embeds=F.normalize(conditioned, dim=-1),
             query_mask=query_mask,
         )
-        if return_dict is False:
-            return output.to_tuple()
-        return output
 
     # ------------------------------------------------------------------ construction
     @classmethod

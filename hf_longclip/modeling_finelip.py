@@ -367,13 +367,63 @@ class FineLIPModel(LongCLIPModel):
             [`FineLIPOutput`]. With a batch of one pair (over all processes) the hinge loss is exactly 0: there is no
             negative.
         """
+        features = self.loss_features(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            image_ids=image_ids,
+            position_ids=position_ids,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            keep_outputs=True,
+        )
+        output = self.loss_from_features(features, return_loss=bool(return_loss), warmup_alpha=warmup_alpha)
+        if return_dict is False:
+            return output.to_tuple()
+        return output
+
+    # ------------------------------------------------------------------ two-stage training interface
+    def loss_features(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_ids: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        interpolate_pos_encoding: bool = False,
+        keep_outputs: bool = False,
+        **kwargs,
+    ) -> dict[str, Any]:
+        """Per-sample features of the loss: normalised global embeddings, the aggregated token sets
+        (``image_tokens`` / ``text_tokens`` with ``text_token_mask``) and ``image_ids`` when given (see
+        `LongCLIPModel.loss_features` for the two-stage interface)."""
         if input_ids is None or pixel_values is None:
             raise ValueError("FineLIPModel.forward needs both input_ids and pixel_values")
-        cfg = self.config
         cls_embeds, image_tokens, vision_outputs = self.image_token_set(pixel_values, interpolate_pos_encoding)
         eot_embeds, text_tokens, text_mask, text_outputs = self.text_token_set(input_ids, attention_mask, position_ids)
-        image_embeds = F.normalize(cls_embeds, dim=-1)
-        text_embeds = F.normalize(eot_embeds, dim=-1)
+        features: dict[str, Any] = {
+            "image_embeds": F.normalize(cls_embeds, dim=-1),
+            "text_embeds": F.normalize(eot_embeds, dim=-1),
+            "image_tokens": image_tokens,
+            "text_tokens": text_tokens,
+            "text_token_mask": text_mask,
+        }
+        if image_ids is not None:
+            if image_ids.shape != (cls_embeds.shape[0],):
+                raise ValueError(f"image_ids must have shape ({cls_embeds.shape[0]},), got {tuple(image_ids.shape)}")
+            features["image_ids"] = image_ids.to(device=cls_embeds.device, dtype=torch.long)
+        if keep_outputs:
+            features.update(vision_model_output=vision_outputs, text_model_output=text_outputs)
+        return features
+
+    def loss_from_features(
+        self, features: dict[str, Any], return_loss: bool = True, warmup_alpha: float | torch.Tensor = 1.0, **kwargs
+    ) -> FineLIPOutput:
+        """Logits and (with `return_loss`) FineLIP's loss from `loss_features` output (possibly concatenated over
+        micro-batches). `warmup_alpha` weights the hinge term (the authors' warm-up ramp)."""
+        cfg = self.config
+        image_embeds, text_embeds = features["image_embeds"], features["text_embeds"]
+        image_tokens, text_tokens = features["image_tokens"], features["text_tokens"]
+        text_mask = features["text_token_mask"]
         logits_per_text = self.logit_scale.exp() * text_embeds @ image_embeds.t()
 
         loss = loss_hinge = loss_s = loss_im = loss_global = scores = None
@@ -383,9 +433,7 @@ class FineLIPModel(LongCLIPModel):
                     f"the loss pairs image i with caption i: got {image_embeds.shape[0]} images and "
                     f"{text_embeds.shape[0]} captions"
                 )
-            if image_ids is not None and image_ids.shape != (image_embeds.shape[0],):
-                raise ValueError(f"image_ids must have shape ({image_embeds.shape[0]},), got {tuple(image_ids.shape)}")
-            scores, all_ids = self.global_clim_scores(image_tokens, text_tokens, text_mask, image_ids)
+            scores, all_ids = self.global_clim_scores(image_tokens, text_tokens, text_mask, features.get("image_ids"))
             loss_hinge, loss_s, loss_im = bidirectional_hinge_loss(
                 scores, all_ids, margin=cfg.hinge_margin, max_violation=cfg.hinge_max_violation
             )
@@ -394,7 +442,7 @@ class FineLIPModel(LongCLIPModel):
                 loss_global = local_contrastive_loss(image_embeds, text_embeds, self.logit_scale, cfg.label_smoothing)
                 loss = loss + cfg.global_loss_weight * loss_global
 
-        output = FineLIPOutput(
+        return FineLIPOutput(
             loss=loss,
             loss_hinge=loss_hinge,
             loss_hinge_image_anchor=loss_s,
@@ -408,12 +456,9 @@ class FineLIPModel(LongCLIPModel):
             image_tokens=image_tokens,
             text_tokens=text_tokens,
             text_token_mask=text_mask,
-            text_model_output=text_outputs,
-            vision_model_output=vision_outputs,
+            text_model_output=features.get("text_model_output"),
+            vision_model_output=features.get("vision_model_output"),
         )
-        if return_dict is False:
-            return output.to_tuple()
-        return output
 
     # ------------------------------------------------------------------ construction
     @classmethod

@@ -595,35 +595,75 @@ class FixCLIPModel(LongCLIPModel):
         Returns:
             [`FixCLIPOutput`]
         """
+        features = self.loss_features(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            short_input_ids=short_input_ids,
+            short_attention_mask=short_attention_mask,
+            position_ids=position_ids,
+            patch_mask=patch_mask,
+            mask_generator=mask_generator,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            for_loss=bool(return_loss),
+            keep_outputs=True,
+        )
+        output = self.loss_from_features(features, return_loss=bool(return_loss))
+        if return_dict is False:
+            return output.to_tuple()
+        return output
+
+    # ------------------------------------------------------------------ two-stage training interface
+    def loss_features(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        short_input_ids: torch.LongTensor | None = None,
+        short_attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        patch_mask: torch.Tensor | None = None,
+        mask_generator: torch.Generator | int | None = None,
+        interpolate_pos_encoding: bool = False,
+        for_loss: bool = True,
+        keep_outputs: bool = False,
+        **kwargs,
+    ) -> dict[str, Any]:
+        """Per-sample features of the loss (see `LongCLIPModel.loss_features`): normalised long-branch and
+        short-branch embeddings, the short branch's ``patch_mask``, and the per-layer CLS / EOT tokens of the
+        branches the hierarchical alignment uses (``image_layer_tokens`` / ``text_layer_tokens``). With
+        `for_loss=False` only the long branch runs (no masked pass, no layer tokens)."""
         if input_ids is None or pixel_values is None:
             raise ValueError("FixCLIPModel.forward needs both input_ids and pixel_values")
         cfg = self.config
-        want_groups = bool(return_loss) and len(cfg.aligned_groups) > 0
+        want_groups = for_loss and len(cfg.aligned_groups) > 0
         full = self.image_tower(
             pixel_values,
             output_layer_cls=want_groups and cfg.group_image_branch == "full",
             interpolate_pos_encoding=interpolate_pos_encoding,
         )
-        image_embeds = F.normalize(self.visual_projection(full.pooler_output), dim=-1)
+        features: dict[str, Any] = {"image_embeds": F.normalize(self.visual_projection(full.pooler_output), dim=-1)}
         group_from_long = want_groups and cfg.group_text_branch == "long"
         if group_from_long:
-            text_outputs, long_layers = self._text_layer_eot(input_ids, attention_mask)
+            text_outputs, features["text_layer_tokens"] = self._text_layer_eot(input_ids, attention_mask)
         else:
             text_outputs = self.get_text_features(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
             )
-        text_embeds = F.normalize(text_outputs.pooler_output, dim=-1)
+        features["text_embeds"] = F.normalize(text_outputs.pooler_output, dim=-1)
 
-        short_embeds = masked_embeds = short_layers = masked = None
         if short_input_ids is not None:
             if want_groups and cfg.group_text_branch == "short":
-                short_out, short_layers = self._text_layer_eot(short_input_ids, short_attention_mask)
-                short_embeds = F.normalize(short_out.pooler_output, dim=-1)
+                short_out, features["text_layer_tokens"] = self._text_layer_eot(short_input_ids, short_attention_mask)
+                features["short_text_embeds"] = F.normalize(short_out.pooler_output, dim=-1)
             else:
-                short_embeds = self.encode_text(short_input_ids, short_attention_mask)
-        needs_masked = bool(return_loss) and (
-            short_embeds is not None or (want_groups and cfg.group_image_branch == "masked")
+                features["short_text_embeds"] = self.encode_text(short_input_ids, short_attention_mask)
+        elif want_groups and cfg.group_text_branch == "short":
+            raise ValueError("group_text_branch='short' needs short_input_ids")
+        needs_masked = for_loss and (
+            short_input_ids is not None or (want_groups and cfg.group_image_branch == "masked")
         )
+        masked_tower = None
         if needs_masked:
             num_patches = full.last_hidden_state.shape[1] - 1
             masked = patch_mask
@@ -643,8 +683,22 @@ class FixCLIPModel(LongCLIPModel):
                     output_layer_cls=want_groups and cfg.group_image_branch == "masked",
                     interpolate_pos_encoding=interpolate_pos_encoding,
                 )
-            masked_embeds = F.normalize(self.visual_projection(masked_tower.pooler_output), dim=-1)
+            features["masked_image_embeds"] = F.normalize(self.visual_projection(masked_tower.pooler_output), dim=-1)
+            features["patch_mask"] = masked
+        if want_groups:
+            source = full if cfg.group_image_branch == "full" else masked_tower
+            features["image_layer_tokens"] = source.layer_cls
+        if keep_outputs:
+            features.update(vision_model_output=full, text_model_output=text_outputs)
+        return features
 
+    def loss_from_features(self, features: dict[str, Any], return_loss: bool = True, **kwargs) -> FixCLIPOutput:
+        """Logits and (with `return_loss`) Fix-CLIP's loss from `loss_features` output (possibly concatenated over
+        micro-batches)."""
+        cfg = self.config
+        image_embeds, text_embeds = features["image_embeds"], features["text_embeds"]
+        short_embeds = features.get("short_text_embeds")
+        masked_embeds = features.get("masked_image_embeds")
         logits_per_text = self.logit_scale.exp() * text_embeds @ image_embeds.t()
 
         loss = loss_long = loss_short = loss_hier = loss_groups = None
@@ -657,19 +711,15 @@ class FixCLIPModel(LongCLIPModel):
             smoothing = float(cfg.label_smoothing)
             loss_long = local_contrastive_loss(image_embeds, text_embeds, self.logit_scale, smoothing)
             loss = cfg.long_loss_weight * loss_long
-            if short_embeds is not None:
+            if short_embeds is not None and masked_embeds is not None:
                 scale = self.short_logit_scale if cfg.separate_logit_scales else self.logit_scale
                 loss_short = local_contrastive_loss(masked_embeds, short_embeds, scale, smoothing)
                 loss = loss + cfg.short_loss_weight * loss_short
-            if want_groups:
-                image_layers = full.layer_cls if cfg.group_image_branch == "full" else masked_tower.layer_cls
-                text_layers = long_layers if group_from_long else short_layers
-                if text_layers is None:
-                    raise ValueError("group_text_branch='short' needs short_input_ids")
+            if len(cfg.aligned_groups) > 0 and "image_layer_tokens" in features:
                 scale = self.group_logit_scale if cfg.separate_logit_scales else self.logit_scale
                 loss_hier, loss_groups = hierarchical_alignment_loss(
-                    self.group_features(image_layers, "image"),
-                    self.group_features(text_layers, "text"),
+                    self.group_features(features["image_layer_tokens"], "image"),
+                    self.group_features(features["text_layer_tokens"], "text"),
                     cfg.group_align_start,
                     cfg.resolved_group_loss_weights,
                     scale,
@@ -677,7 +727,7 @@ class FixCLIPModel(LongCLIPModel):
                 )
                 loss = loss + loss_hier
 
-        output = FixCLIPOutput(
+        return FixCLIPOutput(
             loss=loss,
             loss_long=loss_long,
             loss_short=loss_short,
@@ -689,13 +739,10 @@ class FixCLIPModel(LongCLIPModel):
             image_embeds=image_embeds,
             short_text_embeds=short_embeds,
             masked_image_embeds=masked_embeds,
-            patch_mask=masked,
-            text_model_output=text_outputs,
-            vision_model_output=full,
+            patch_mask=features.get("patch_mask"),
+            text_model_output=features.get("text_model_output"),
+            vision_model_output=features.get("vision_model_output"),
         )
-        if return_dict is False:
-            return output.to_tuple()
-        return output
 
     # ------------------------------------------------------------------ construction
     @classmethod

@@ -33,7 +33,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
 
 from .configuration_longclip import LongCLIPConfig, validate_stretch
-from .losses import local_contrastive_loss, pca_reconstruct
+from .losses import gather_with_grad, local_contrastive_loss, pca_reconstruct
 
 TEXT_POSITION_KEY = "text_model.embeddings.position_embedding.weight"
 
@@ -316,23 +316,64 @@ class LongCLIPModel(CLIPModel):
         Returns:
             [`LongCLIPOutput`]
         """
+        features = self.loss_features(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            short_input_ids=short_input_ids,
+            short_attention_mask=short_attention_mask,
+            position_ids=position_ids,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            keep_outputs=True,
+        )
+        output = self.loss_from_features(features, return_loss=bool(return_loss))
+        if return_dict is False:
+            return output.to_tuple()
+        return output
+
+    # ------------------------------------------------------------------ two-stage training interface
+    # `forward` = `loss_from_features(loss_features(...))`. The split lets the trainer cache the features of many
+    # micro-batches and compute one loss over all of them (hf_longclip.training.accumulation): `loss_features` works
+    # per sample (samples on dim 0), `loss_from_features` is where samples meet.
+    def loss_features(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        short_input_ids: torch.LongTensor | None = None,
+        short_attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        interpolate_pos_encoding: bool = False,
+        keep_outputs: bool = False,
+        **kwargs,
+    ) -> dict[str, Any]:
+        """Per-sample features the loss needs: normalised ``image_embeds``, ``text_embeds`` and (when short captions
+        are given) ``short_text_embeds``, each `(batch, projection_dim)`. With `keep_outputs` the towers' outputs
+        are included too (``vision_model_output``, ``text_model_output``)."""
         if input_ids is None or pixel_values is None:
-            raise ValueError("LongCLIPModel.forward needs both input_ids and pixel_values")
+            raise ValueError(f"{type(self).__name__}.forward needs both input_ids and pixel_values")
         vision_outputs = self.get_image_features(
             pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding
         )
         text_outputs = self.get_text_features(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
         )
-        image_embeds = F.normalize(vision_outputs.pooler_output, dim=-1)
-        text_embeds = F.normalize(text_outputs.pooler_output, dim=-1)
-        short_embeds = None
+        features: dict[str, Any] = {
+            "image_embeds": F.normalize(vision_outputs.pooler_output, dim=-1),
+            "text_embeds": F.normalize(text_outputs.pooler_output, dim=-1),
+        }
         if short_input_ids is not None:
-            short_embeds = self.encode_text(short_input_ids, short_attention_mask)
+            features["short_text_embeds"] = self.encode_text(short_input_ids, short_attention_mask)
+        if keep_outputs:
+            features.update(vision_model_output=vision_outputs, text_model_output=text_outputs)
+        return features
 
-        scale = self.logit_scale.exp()
-        logits_per_text = scale * text_embeds @ image_embeds.t()
-
+    def loss_from_features(self, features: dict[str, Any], return_loss: bool = True, **kwargs) -> LongCLIPOutput:
+        """Logits and (with `return_loss`) Long-CLIP's loss from `loss_features` output (possibly concatenated
+        over micro-batches)."""
+        image_embeds, text_embeds = features["image_embeds"], features["text_embeds"]
+        short_embeds = features.get("short_text_embeds")
+        logits_per_text = self.logit_scale.exp() * text_embeds @ image_embeds.t()
         loss = loss_long = loss_short = None
         if return_loss:
             if image_embeds.shape[0] != text_embeds.shape[0]:
@@ -344,12 +385,10 @@ class LongCLIPModel(CLIPModel):
             loss_long = local_contrastive_loss(image_embeds, text_embeds, self.logit_scale, cfg.label_smoothing)
             loss = cfg.long_loss_weight * loss_long
             if short_embeds is not None:
-                # PCA over this process's batch, as the authors do; not re-normalised afterwards.
-                image_primary = pca_reconstruct(image_embeds, cfg.pca_components)
+                image_primary = self._primary_components(image_embeds)
                 loss_short = local_contrastive_loss(image_primary, short_embeds, self.logit_scale, cfg.label_smoothing)
                 loss = loss + cfg.short_loss_weight * loss_short
-
-        output = LongCLIPOutput(
+        return LongCLIPOutput(
             loss=loss,
             loss_long=loss_long,
             loss_short=loss_short,
@@ -358,12 +397,22 @@ class LongCLIPModel(CLIPModel):
             text_embeds=text_embeds,
             image_embeds=image_embeds,
             short_text_embeds=short_embeds,
-            text_model_output=text_outputs,
-            vision_model_output=vision_outputs,
+            text_model_output=features.get("text_model_output"),
+            vision_model_output=features.get("vision_model_output"),
         )
-        if return_dict is False:
-            return output.to_tuple()
-        return output
+
+    def _primary_components(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        """PCA reconstruction of the image features for the short-caption term (not re-normalised).
+
+        ``pca_scope="local"`` (the authors'): over this process's batch. ``"global"``: over the batch of all
+        processes (gathered with gradient), so the loss no longer depends on how the batch is split.
+        """
+        components = self.config.pca_components
+        if self.config.pca_scope == "global":
+            gathered, offset = gather_with_grad(image_embeds)
+            if gathered.shape[0] != image_embeds.shape[0]:
+                return pca_reconstruct(gathered, components)[offset : offset + image_embeds.shape[0]]
+        return pca_reconstruct(image_embeds, components)
 
     # ------------------------------------------------------------------ construction
     @classmethod

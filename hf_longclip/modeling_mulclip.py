@@ -272,6 +272,46 @@ class MulCLIPModel(LongCLIPModel):
         Returns:
             [`MulCLIPOutput`]
         """
+        features = self.loss_features(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            short_input_ids=short_input_ids,
+            short_attention_mask=short_attention_mask,
+            subcaption_input_ids=subcaption_input_ids,
+            subcaption_attention_mask=subcaption_attention_mask,
+            subcaption_mask=subcaption_mask,
+            position_ids=position_ids,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            calibrate=bool(return_loss),
+            keep_outputs=True,
+        )
+        output = self.loss_from_features(features, return_loss=bool(return_loss))
+        if return_dict is False:
+            return output.to_tuple()
+        return output
+
+    # ------------------------------------------------------------------ two-stage training interface
+    def loss_features(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        short_input_ids: torch.LongTensor | None = None,
+        short_attention_mask: torch.Tensor | None = None,
+        subcaption_input_ids: torch.LongTensor | None = None,
+        subcaption_attention_mask: torch.Tensor | None = None,
+        subcaption_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        interpolate_pos_encoding: bool = False,
+        calibrate: bool = True,
+        keep_outputs: bool = False,
+        **kwargs,
+    ) -> dict[str, Any]:
+        """Per-sample features of the loss (see `LongCLIPModel.loss_features`): normalised global embeddings, the
+        calibrated token sets with the per-sample ``word_sample_mask``, and the subcaption embeddings with their
+        aggregated image embeddings and slot mask. Everything here is computed inside each sample; the batch-wise
+        terms are formed in `loss_from_features`."""
         if input_ids is None or pixel_values is None:
             raise ValueError("MulCLIPModel.forward needs both input_ids and pixel_values")
         if input_ids.shape[-1] > self.config.text_config.max_position_embeddings:
@@ -282,21 +322,45 @@ class MulCLIPModel(LongCLIPModel):
         cfg = self.config
         cls_embeds, patch_tokens, vision_outputs = self.image_tokens(pixel_values, interpolate_pos_encoding)
         eot_embeds, token_features, word_mask, text_outputs = self.text_tokens(input_ids, attention_mask, position_ids)
-        image_embeds = F.normalize(cls_embeds, dim=-1)
-        text_embeds = F.normalize(eot_embeds, dim=-1)
-        short_embeds = self.encode_text(short_input_ids, short_attention_mask) if short_input_ids is not None else None
-
-        scale = self.logit_scale.exp()
-        logits_per_text = scale * text_embeds @ image_embeds.t()
-
-        calibrated_image = calibrated_text = None
-        sub_embeds = sub_image_embeds = sub_mask = None
-        if return_loss or subcaption_input_ids is not None:
+        features: dict[str, Any] = {
+            "image_embeds": F.normalize(cls_embeds, dim=-1),
+            "text_embeds": F.normalize(eot_embeds, dim=-1),
+        }
+        if short_input_ids is not None:
+            features["short_text_embeds"] = self.encode_text(short_input_ids, short_attention_mask)
+        if calibrate or subcaption_input_ids is not None:
             calibrated_image, calibrated_text = self.calibrate(patch_tokens, token_features, word_mask)
+            features.update(
+                calibrated_image_tokens=calibrated_image,
+                calibrated_text_tokens=calibrated_text,
+                # A caption without any word token (empty caption) has all-zero calibrated text tokens: left out.
+                word_sample_mask=word_mask.any(-1),
+            )
         if subcaption_input_ids is not None:
             sub_embeds, sub_mask = self.encode_subcaptions(subcaption_input_ids, subcaption_attention_mask, subcaption_mask)
-            source = calibrated_image if cfg.sub_aggregate_from == "calibrated" else patch_tokens
-            sub_image_embeds = aggregate_by_subcaption(source, sub_embeds, cfg.sub_attention_temperature, cfg.sub_top_k)
+            source = features["calibrated_image_tokens"] if cfg.sub_aggregate_from == "calibrated" else patch_tokens
+            features.update(
+                subcaption_embeds=sub_embeds,
+                subcaption_mask=sub_mask,
+                subcaption_image_embeds=aggregate_by_subcaption(
+                    source, sub_embeds, cfg.sub_attention_temperature, cfg.sub_top_k
+                ),
+            )
+        if keep_outputs:
+            features.update(vision_model_output=vision_outputs, text_model_output=text_outputs)
+        return features
+
+    def loss_from_features(self, features: dict[str, Any], return_loss: bool = True, **kwargs) -> MulCLIPOutput:
+        """Logits and (with `return_loss`) MulCLIP's loss from `loss_features` output (possibly concatenated over
+        micro-batches)."""
+        cfg = self.config
+        image_embeds, text_embeds = features["image_embeds"], features["text_embeds"]
+        short_embeds = features.get("short_text_embeds")
+        calibrated_image = features.get("calibrated_image_tokens")
+        calibrated_text = features.get("calibrated_text_tokens")
+        sub_embeds = features.get("subcaption_embeds")
+        sub_image_embeds = features.get("subcaption_image_embeds")
+        logits_per_text = self.logit_scale.exp() * text_embeds @ image_embeds.t()
 
         loss = loss_global = loss_long = loss_summary = None
         loss_word = loss_word_image = loss_word_text = loss_sub = None
@@ -306,16 +370,17 @@ class MulCLIPModel(LongCLIPModel):
                     f"the loss pairs image i with caption i: got {image_embeds.shape[0]} images and "
                     f"{text_embeds.shape[0]} captions"
                 )
+            if calibrated_image is None:
+                raise ValueError("the MulCLIP loss needs the calibrated tokens (loss_features(..., calibrate=True))")
             loss_long = local_contrastive_loss(image_embeds, text_embeds, self.logit_scale, cfg.label_smoothing)
             loss_global = cfg.long_loss_weight * loss_long
             if short_embeds is not None:
                 loss_summary = local_contrastive_loss(image_embeds, short_embeds, self.logit_scale, cfg.label_smoothing)
                 loss_global = loss_global + cfg.short_loss_weight * loss_summary
-            # A caption without any word token (empty caption) has all-zero calibrated text tokens: leave it out.
             loss_word, loss_word_image, loss_word_text = word_reconstruction_loss(
                 calibrated_image,
                 calibrated_text,
-                sample_mask=word_mask.any(-1),
+                sample_mask=features["word_sample_mask"],
                 attention_temperature=cfg.word_attention_temperature,
                 contrastive_temperature=cfg.word_contrastive_temperature,
                 symmetric=cfg.word_loss_symmetric,
@@ -323,11 +388,16 @@ class MulCLIPModel(LongCLIPModel):
             loss = cfg.global_loss_weight * loss_global + cfg.word_loss_weight * loss_word
             if sub_embeds is not None:
                 loss_sub = subcaption_contrastive_loss(
-                    sub_image_embeds, sub_embeds, sub_mask, self.logit_scale, cfg.label_smoothing, gather=cfg.sub_gather
+                    sub_image_embeds,
+                    sub_embeds,
+                    features["subcaption_mask"],
+                    self.logit_scale,
+                    cfg.label_smoothing,
+                    gather=cfg.sub_gather,
                 )
                 loss = loss + cfg.sub_loss_weight * loss_sub
 
-        output = MulCLIPOutput(
+        return MulCLIPOutput(
             loss=loss,
             loss_global=loss_global,
             loss_long=loss_long,
@@ -345,12 +415,9 @@ class MulCLIPModel(LongCLIPModel):
             calibrated_text_tokens=calibrated_text,
             subcaption_embeds=sub_embeds,
             subcaption_image_embeds=sub_image_embeds,
-            text_model_output=text_outputs,
-            vision_model_output=vision_outputs,
+            text_model_output=features.get("text_model_output"),
+            vision_model_output=features.get("vision_model_output"),
         )
-        if return_dict is False:
-            return output.to_tuple()
-        return output
 
     # ------------------------------------------------------------------ construction
     @classmethod
