@@ -1,0 +1,335 @@
+"""Training settings: three dataclasses read from a YAML recipe and/or command-line flags.
+
+``parse_training_arguments(argv)`` reads ``--config recipe.yaml`` first and lets any flag on the command line
+override it (``--learning_rate 2e-6``). Every value is checked before any work starts: an unknown key, a wrong
+type or an impossible value is a ``ValueError`` naming the setting.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+VARIANTS = ("longclip", "finelip", "fixclip", "mulclip", "betaclip")
+#: `--base` value that builds a small random CLIP from config (quickstart, tests, offline demos).
+TINY_BASE = "tiny-random"
+
+
+@dataclass
+class ModelArguments:
+    """Which model to train and how to build it."""
+
+    variant: Literal["longclip", "finelip", "fixclip", "mulclip", "betaclip"] = field(
+        default="longclip", metadata={"help": "method to train"}
+    )
+    base: str = field(
+        default="openai/clip-vit-base-patch16",
+        metadata={
+            "help": "a stock CLIP (Hub id or folder) to stretch and fine-tune, an hf_longclip checkpoint to continue "
+            f"from, or '{TINY_BASE}' for a small random CLIP built from config (see tiny_* settings)"
+        },
+    )
+    revision: str | None = field(default=None, metadata={"help": "Hub revision of --base"})
+    model_config: str | None = field(
+        default=None,
+        metadata={"help": "JSON object of variant config fields, e.g. '{\"beta_cal_mode\": \"bce\"}' (YAML: a mapping)"},
+    )
+    position_keep: int = field(default=20, metadata={"help": "leading text positions copied and frozen"})
+    position_ratio: int = field(default=4, metadata={"help": "rows each remaining source position becomes"})
+    reset_logit_scale: bool = field(default=True, metadata={"help": "set logit_scale to ln(100) when stretching"})
+    gradient_checkpointing: Literal["none", "all", "text"] = field(
+        default="none", metadata={"help": "activation checkpointing: none, all towers, or the text tower only"}
+    )
+    tiny_hidden_size: int = field(default=64, metadata={"help": f"width of both towers of '{TINY_BASE}'"})
+    tiny_num_layers: int = field(default=2, metadata={"help": f"layers per tower of '{TINY_BASE}'"})
+    tiny_num_heads: int = field(default=4, metadata={"help": f"attention heads of '{TINY_BASE}'"})
+    tiny_projection_dim: int = field(default=64, metadata={"help": f"joint embedding size of '{TINY_BASE}'"})
+    tiny_image_size: int = field(default=64, metadata={"help": f"input resolution of '{TINY_BASE}'"})
+    tiny_patch_size: int = field(default=8, metadata={"help": f"patch size of '{TINY_BASE}'"})
+
+    def model_config_overrides(self) -> dict[str, Any]:
+        if not self.model_config:
+            return {}
+        try:
+            value = json.loads(self.model_config)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"model_config is not valid JSON: {error}") from error
+        if not isinstance(value, dict):
+            raise ValueError(f"model_config must be a JSON object, got {type(value).__name__}")
+        return value
+
+    def __post_init__(self):
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+        self.model_config_overrides()
+        for name in ("tiny_hidden_size", "tiny_num_layers", "tiny_num_heads", "tiny_projection_dim", "tiny_image_size",
+                     "tiny_patch_size"):
+            _positive(name, getattr(self, name))
+        if self.tiny_hidden_size % self.tiny_num_heads:
+            raise ValueError("tiny_hidden_size must be divisible by tiny_num_heads")
+        if self.tiny_image_size % self.tiny_patch_size:
+            raise ValueError("tiny_image_size must be divisible by tiny_patch_size")
+
+
+@dataclass
+class DataArguments:
+    """Where the training (and evaluation) data come from and how they are read."""
+
+    train_data: str = field(
+        default="synthetic",
+        metadata={"help": "ShareGPT4V JSON, JSONL/CSV/TSV file, a `datasets` id or folder, or 'synthetic'"},
+    )
+    data_format: Literal["auto", "sharegpt4v", "jsonl", "csv", "hf", "synthetic"] = field(
+        default="auto", metadata={"help": "format of --train_data ('auto' guesses from the name and content)"}
+    )
+    image_root: str | None = field(default=None, metadata={"help": "folder that relative image paths start from"})
+    image_column: str = field(default="image")
+    caption_column: str = field(default="caption")
+    short_caption_column: str | None = field(
+        default="short_caption", metadata={"help": "column of short captions (first sentence of the long one if absent)"}
+    )
+    hf_split: str = field(default="train", metadata={"help": "split of a `datasets` source"})
+    streaming: bool = field(default=False, metadata={"help": "stream a `datasets` source instead of downloading it"})
+    holdout: int = field(default=1000, metadata={"help": "ShareGPT4V: leading entries held out (the papers' 1k set)"})
+    max_train_samples: int | None = field(default=None, metadata={"help": "use only the first N training samples"})
+    eval_data: str | None = field(
+        default=None, metadata={"help": "held-out pairs (JSONL/CSV/ShareGPT4V) for long-caption retrieval R@k"}
+    )
+    eval_format: Literal["auto", "sharegpt4v", "jsonl", "csv"] = field(default="auto")
+    eval_split: Literal["all", "holdout"] = field(
+        default="all", metadata={"help": "'holdout' evaluates on the held-out head of a ShareGPT4V file"}
+    )
+    max_eval_samples: int | None = field(default=1000)
+    synthetic_num_train: int = field(default=2000, metadata={"help": "scenes generated for --train_data synthetic"})
+    synthetic_num_eval: int = field(default=200, metadata={"help": "held-out scenes for --train_data synthetic"})
+    synthetic_image_size: int = field(default=64)
+    transform: Literal["auto", "eval", "random_resized_crop"] = field(
+        default="auto", metadata={"help": "train-time image transform ('auto': the variant's recipe)"}
+    )
+    num_workers: int = field(default=2, metadata={"help": "data-loading worker processes per training process"})
+    max_image_pixels: int = field(default=8192 * 8192, metadata={"help": "larger images are skipped"})
+    strict: bool = field(default=False, metadata={"help": "stop at start-up / at the first bad sample instead of skipping"})
+    text_cache_dir: str | None = field(
+        default=None, metadata={"help": "beta-CLIP: where parsed caption hierarchies are cached (default: output_dir)"}
+    )
+    text_num_proc: int = field(default=1, metadata={"help": "beta-CLIP: processes for the one-off spaCy parse"})
+
+    def __post_init__(self):
+        _positive("holdout", self.holdout, allow_zero=True)
+        _positive("synthetic_num_train", self.synthetic_num_train)
+        _positive("synthetic_num_eval", self.synthetic_num_eval, allow_zero=True)
+        _positive("synthetic_image_size", self.synthetic_image_size)
+        _positive("num_workers", self.num_workers, allow_zero=True)
+        _positive("max_image_pixels", self.max_image_pixels)
+        _positive("text_num_proc", self.text_num_proc)
+        if self.max_train_samples is not None:
+            _positive("max_train_samples", self.max_train_samples)
+        if self.max_eval_samples is not None:
+            _positive("max_eval_samples", self.max_eval_samples)
+
+
+@dataclass
+class TrainingArguments:
+    """Optimisation, precision, logging and checkpointing."""
+
+    output_dir: str = field(default="outputs/run", metadata={"help": "checkpoints, logs and the final model"})
+    num_train_epochs: float = field(default=1.0)
+    max_steps: int = field(default=-1, metadata={"help": "optimiser steps in total (overrides epochs when > 0)"})
+    stop_after_steps: int | None = field(
+        default=None,
+        metadata={"help": "stop (after a checkpoint) once this many steps are done, keeping the full schedule; for "
+                  "time-sliced jobs that continue with --resume_from_checkpoint latest"},
+    )
+    per_device_train_batch_size: int = field(default=16)
+    gradient_accumulation_steps: int = field(default=1)
+    accumulation_mode: Literal["cached", "naive"] = field(
+        default="cached",
+        metadata={"help": "'cached': negatives from the whole accumulated batch (GradCache); 'naive': the authors'"},
+    )
+    learning_rate: float = field(default=1e-6, metadata={"help": "peak lr of the CLIP backbone"})
+    head_learning_rate: float | None = field(
+        default=None, metadata={"help": "peak lr of the variant's added modules (default: learning_rate)"}
+    )
+    min_learning_rate: float = field(default=0.0, metadata={"help": "backbone lr at the end of the cosine"})
+    head_min_learning_rate: float | None = field(default=None, metadata={"help": "head lr at the end of the cosine"})
+    lr_scheduler_type: Literal["cosine", "linear", "constant"] = field(default="cosine")
+    warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps of the backbone lr"})
+    warmup_ratio: float = field(default=0.0, metadata={"help": "warm-up as a fraction of all steps (if warmup_steps=0)"})
+    head_warmup_steps: int | None = field(default=None, metadata={"help": "warm-up of the head lr (default: same)"})
+    weight_decay: float = field(default=0.01)
+    weight_decay_filter: Literal["all", "matrices"] = field(
+        default="all", metadata={"help": "'all': decay every parameter (Long-CLIP); 'matrices': not biases/norms/1-D"}
+    )
+    adam_beta1: float = field(default=0.9)
+    adam_beta2: float = field(default=0.999)
+    adam_epsilon: float = field(default=1e-8)
+    max_grad_norm: float = field(default=0.0, metadata={"help": "gradient clipping norm (0: off)"})
+    mixed_precision: Literal["config", "no", "fp16", "bf16"] = field(
+        default="config", metadata={"help": "'config': what `accelerate config` / `accelerate launch` set"}
+    )
+    seed: int = field(default=0)
+    logging_steps: int = field(default=10)
+    report_to: str = field(default="none", metadata={"help": "tensorboard, wandb, all, or none (comma-separated)"})
+    tracker_project: str = field(default="hf_longclip")
+    eval_steps: int = field(default=0, metadata={"help": "evaluate every N steps (0: only before and after training)"})
+    eval_before_training: bool = field(default=True)
+    eval_batch_size: int = field(default=64)
+    save_steps: int = field(default=500, metadata={"help": "write a checkpoint every N steps (0: only at the end)"})
+    save_total_limit: int = field(default=3, metadata={"help": "checkpoints kept (oldest removed first)"})
+    resume_from_checkpoint: str | None = field(
+        default=None, metadata={"help": "'latest' (in output_dir/checkpoints) or a checkpoint folder"}
+    )
+    save_final_model: bool = field(default=True, metadata={"help": "save_pretrained model + processor + card at the end"})
+    push_to_hub: bool = field(default=False)
+    hub_model_id: str | None = field(default=None)
+    hub_private: bool = field(default=False)
+    hub_revision: str | None = field(default=None)
+    disable_progress_bar: bool = field(default=False)
+
+    def __post_init__(self):
+        _positive("per_device_train_batch_size", self.per_device_train_batch_size)
+        _positive("gradient_accumulation_steps", self.gradient_accumulation_steps)
+        if self.max_steps <= 0 and not self.num_train_epochs > 0:
+            raise ValueError("set num_train_epochs > 0 or max_steps > 0")
+        if self.stop_after_steps is not None:
+            _positive("stop_after_steps", self.stop_after_steps)
+        for name in ("learning_rate", "min_learning_rate", "weight_decay", "adam_epsilon", "max_grad_norm"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("head_learning_rate", "head_min_learning_rate"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        if self.min_learning_rate > self.learning_rate:
+            raise ValueError(f"min_learning_rate ({self.min_learning_rate}) exceeds learning_rate ({self.learning_rate})")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        _positive("warmup_steps", self.warmup_steps, allow_zero=True)
+        if self.head_warmup_steps is not None:
+            _positive("head_warmup_steps", self.head_warmup_steps, allow_zero=True)
+        _positive("logging_steps", self.logging_steps)
+        _positive("eval_steps", self.eval_steps, allow_zero=True)
+        _positive("eval_batch_size", self.eval_batch_size)
+        _positive("save_steps", self.save_steps, allow_zero=True)
+        _positive("save_total_limit", self.save_total_limit)
+        trackers = {t.strip() for t in self.report_to.split(",") if t.strip()}
+        unknown = trackers - {"tensorboard", "wandb", "all", "none"}
+        if unknown:
+            raise ValueError(f"report_to: unknown tracker(s) {sorted(unknown)}; use tensorboard, wandb, all or none")
+        if self.push_to_hub and not self.hub_model_id:
+            raise ValueError("push_to_hub needs hub_model_id")
+
+    @property
+    def trackers(self) -> list[str]:
+        names = [t.strip() for t in self.report_to.split(",") if t.strip() and t.strip() != "none"]
+        return names
+
+
+def _positive(name: str, value, allow_zero: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else ">= 1"
+        raise ValueError(f"{name} must be an integer {bound}, got {value!r}")
+
+
+ARGUMENT_CLASSES = (ModelArguments, DataArguments, TrainingArguments)
+
+
+def _field_names() -> dict[str, type]:
+    return {f.name: cls for cls in ARGUMENT_CLASSES for f in fields(cls)}
+
+
+def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a YAML recipe into a flat ``{setting: value}`` mapping.
+
+    A recipe may be flat or grouped under ``model:``, ``data:`` and ``training:``; unknown keys are an error that
+    lists the valid ones.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"recipe {path} not found")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        raise ValueError(f"recipe {path} is not valid YAML: {error}") from error
+    if not isinstance(loaded, dict):
+        raise ValueError(f"recipe {path} must be a mapping of settings")
+    flat: dict[str, Any] = {}
+    for key, value in loaded.items():
+        if key in ("model", "data", "training") and isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    known = _field_names()
+    unknown = sorted(set(flat) - set(known))
+    if unknown:
+        raise ValueError(f"recipe {path}: unknown setting(s) {unknown}; valid settings: {sorted(known)}")
+    if isinstance(flat.get("model_config"), dict):
+        flat["model_config"] = json.dumps(flat["model_config"])
+    return flat
+
+
+def parse_training_arguments(
+    argv: list[str] | None = None,
+) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
+    """Parse ``[--config recipe.yaml] [--setting value ...]``; command-line values override the recipe."""
+    from transformers import HfArgumentParser
+
+    import argparse
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, rest = pre.parse_known_args(argv)
+    parser = HfArgumentParser(ARGUMENT_CLASSES)
+    parser.add_argument("--config", default=None, help="YAML recipe; flags given after it override its values")
+    recipe = load_recipe(known.config) if known.config else {}
+    # The recipe becomes flags placed before the command line's, so argparse converts its values like typed flags
+    # and the last occurrence (the command line) wins.
+    tokens = [token for key, value in recipe.items() for token in _as_flags(key, value)] + rest
+    try:
+        *groups, _ = parser.parse_args_into_dataclasses(args=tokens, look_for_args_file=False)
+    except SystemExit as error:
+        if error.code:
+            raise ValueError("invalid training settings (see the message above)") from None
+        raise
+    return tuple(groups)  # type: ignore[return-value]
+
+
+def _as_flags(key: str, value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, bool):
+        return [f"--{key}", "true" if value else "false"]
+    if isinstance(value, (list, tuple)):
+        return [f"--{key}", *map(str, value)]
+    return [f"--{key}", str(value)]
+
+
+def arguments_to_dict(*groups) -> dict[str, Any]:
+    """All settings as one flat, JSON-serialisable mapping (for trackers, checkpoints and the model card)."""
+    out: dict[str, Any] = {}
+    for group in groups:
+        out.update(asdict(group))
+    return out
+
+
+__all__ = [
+    "ARGUMENT_CLASSES",
+    "DataArguments",
+    "ModelArguments",
+    "TINY_BASE",
+    "TrainingArguments",
+    "VARIANTS",
+    "arguments_to_dict",
+    "load_recipe",
+    "parse_training_arguments",
+]

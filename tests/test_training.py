@@ -1,0 +1,223 @@
+"""Training pieces: settings, optimiser groups and schedules, cached-feature gradient accumulation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from hf_longclip import BetaCLIPModel, FineLIPModel, FixCLIPModel, LongCLIPModel, MulCLIPModel
+from hf_longclip.data import BetaCLIPCollator, FineLIPCollator, FixCLIPCollator, LongCLIPCollator, MulCLIPCollator
+from hf_longclip.modeling_fixclip import random_patch_mask
+from hf_longclip.testing_utils import tiny_clip, tiny_processor
+from hf_longclip.text import parse_hierarchies
+from hf_longclip.training.accumulation import cached_accumulation_step, concat_features
+from hf_longclip.training.arguments import load_recipe, parse_training_arguments
+from hf_longclip.training.optim import (
+    GroupSchedule,
+    build_scheduler,
+    lr_multiplier,
+    parameter_groups,
+    schedules_for_groups,
+)
+
+CAPTIONS = [
+    "a large red circle in the top left. it is next to a blue square. the sky is blue",
+    "a small green triangle at the bottom. a dog sitting near a tree",
+    "a cat sitting on a chair near a table",
+    "a white car in front of a house. a tree on the left. a dog. a man standing",
+    "a purple square",
+    "an orange circle and a yellow triangle in the middle of the image. a woman on the right",
+    "a black dog leaning against a white car. the grass is green",
+    "a big blue circle. a small cyan square. a pink triangle at the top right",
+]
+
+
+# ----------------------------------------------------------------------------------------------- settings
+def test_recipe_and_flags_merge_with_flags_winning(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "model:\n  variant: finelip\n  model_config: {hinge_margin: 0.3}\n"
+        "training:\n  learning_rate: 1e-6\n  head_learning_rate: 2e-4\n  per_device_train_batch_size: 8\n"
+        "  eval_before_training: false\n"
+    )
+    model_args, data_args, train_args = parse_training_arguments(
+        ["--config", str(recipe), "--per_device_train_batch_size", "4", "--train_data", "x.jsonl"]
+    )
+    assert model_args.variant == "finelip" and model_args.model_config_overrides() == {"hinge_margin": 0.3}
+    assert train_args.learning_rate == 1e-6 and isinstance(train_args.learning_rate, float)  # YAML's "1e-6" string
+    assert train_args.head_learning_rate == 2e-4 and train_args.eval_before_training is False
+    assert train_args.per_device_train_batch_size == 4 and data_args.train_data == "x.jsonl"
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--learning_rate", "-1"], "learning_rate must be >= 0"),
+        (["--warmup_ratio", "1.5"], "warmup_ratio"),
+        (["--per_device_train_batch_size", "0"], "per_device_train_batch_size"),
+        (["--report_to", "mlflowz"], "unknown tracker"),
+        (["--min_learning_rate", "1e-3", "--learning_rate", "1e-4"], "min_learning_rate"),
+        (["--model_config", "[1, 2]"], "JSON object"),
+        (["--push_to_hub", "true"], "hub_model_id"),
+        (["--variant", "nope"], "invalid training settings"),
+    ],
+)
+def test_invalid_settings_fail_before_any_work(flags, message):
+    with pytest.raises(ValueError, match=message):
+        parse_training_arguments(flags)
+
+
+def test_recipe_with_unknown_key_lists_the_valid_ones(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("learning_rat: 1.0e-6\n")
+    with pytest.raises(ValueError, match=r"unknown setting\(s\) \['learning_rat'\].*learning_rate"):
+        load_recipe(recipe)
+
+
+# ----------------------------------------------------------------------------------------------- optimiser
+def test_parameter_groups_split_heads_and_decay():
+    model = FineLIPModel.from_clip(tiny_clip(seed=0))
+    groups = {g["name"]: g for g in parameter_groups(model, 1e-6, 0.01, head_learning_rate=2e-4,
+                                                      weight_decay_filter="matrices")}
+    assert set(groups) == {"backbone", "backbone_no_decay", "head", "head_no_decay"}
+    names = {id(p): n for n, p in model.named_parameters()}
+    head_names = {names[id(p)] for g in ("head", "head_no_decay") for p in groups[g]["params"]}
+    assert head_names and all(n.startswith(("image_aggregation.", "text_aggregation.")) for n in head_names)
+    assert groups["head"]["lr"] == 2e-4 and groups["backbone"]["lr"] == 1e-6
+    assert groups["backbone_no_decay"]["weight_decay"] == 0.0 and groups["backbone"]["weight_decay"] == 0.01
+    no_decay = {names[id(p)] for p in groups["backbone_no_decay"]["params"]}
+    assert "logit_scale" in no_decay and all(n.endswith(("bias", "logit_scale", "embedding")) or "norm" in n
+                                             for n in no_decay)
+    # Long-CLIP's recipe decays everything: one backbone group holding every parameter
+    everything = parameter_groups(LongCLIPModel.from_clip(tiny_clip(seed=0)), 1e-6, 0.01, weight_decay_filter="all")
+    assert [g["name"] for g in everything] == ["backbone"]
+
+
+def test_schedule_values_by_hand():
+    s = GroupSchedule("backbone", peak=1e-5, floor=1e-7, warmup_steps=4)
+    assert lr_multiplier(0, 104, s) == pytest.approx(0.25)  # Long-CLIP's (step + 1) / warmup ramp
+    assert lr_multiplier(3, 104, s) == pytest.approx(1.0)
+    assert lr_multiplier(4, 104, s) == pytest.approx(1.0)  # cosine starts at the peak
+    mid = 1e-7 / 1e-5 + (1 - 1e-7 / 1e-5) * 0.5 * (1 + math.cos(math.pi * 0.5))
+    assert lr_multiplier(54, 104, s) == pytest.approx(mid)
+    assert lr_multiplier(104, 104, s) == pytest.approx(1e-7 / 1e-5)  # the floor
+    assert lr_multiplier(10, 104, s, "constant") == 1.0
+    assert lr_multiplier(54, 104, GroupSchedule("h", 1.0, 0.0, 4), "linear") == pytest.approx(0.5)
+
+    model = BetaCLIPModel.from_clip(tiny_clip(seed=0))
+    groups = parameter_groups(model, 1e-5, 0.01, head_learning_rate=1e-3, weight_decay_filter="matrices")
+    optimizer = torch.optim.AdamW(groups)
+    schedules = schedules_for_groups(groups, 1e-5, 1e-7, 4, head_learning_rate=1e-3, head_min_learning_rate=1e-4,
+                                     head_warmup_steps=0)
+    scheduler = build_scheduler(optimizer, 104, schedules)
+    lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
+    assert lrs["backbone"] == pytest.approx(0.25e-5) and lrs["head"] == pytest.approx(1e-3)  # no head warm-up
+    for _ in range(104):
+        optimizer.step()
+        scheduler.step()
+    lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
+    assert lrs["backbone"] == pytest.approx(1e-7) and lrs["head"] == pytest.approx(1e-4)
+
+
+# ----------------------------------------------------------------------------------------------- accumulation
+def _examples(seed=0):
+    torch.manual_seed(seed)
+    return [
+        {"pixel_values": torch.randn(3, 32, 32), "caption": c, "id": i % 6}  # ids 0, 1 repeat: duplicate images
+        for i, c in enumerate(CAPTIONS)
+    ]
+
+
+def _variant(name, processor):
+    clip = tiny_clip(seed=3, processor=processor)
+    if name == "longclip":
+        model = LongCLIPModel.from_clip(clip, pca_components=3)  # 3 < 8 samples: the SVD path runs
+        return model, LongCLIPCollator(processor)
+    if name == "finelip":
+        model = FineLIPModel.from_clip(clip, global_loss_weight=0.5)
+        return model, FineLIPCollator(processor)
+    if name == "fixclip":
+        model = FixCLIPModel.from_clip(clip, num_groups=2, group_align_start=1)
+        return model, FixCLIPCollator(processor)
+    if name == "mulclip":
+        return MulCLIPModel.from_clip(clip), MulCLIPCollator(processor, max_subcaptions=4)
+    if name == "betaclip":
+        return BetaCLIPModel.from_clip(clip), BetaCLIPCollator(processor, seed=0)
+    raise AssertionError(name)
+
+
+def _split(batch, parts):
+    size = next(iter(batch.values())).shape[0] // parts
+    return [{k: v[i * size : (i + 1) * size] for k, v in batch.items()} for i in range(parts)]
+
+
+@pytest.mark.parametrize("variant", ["longclip", "finelip", "fixclip", "mulclip", "betaclip"])
+def test_cached_accumulation_over_four_micro_batches_equals_one_full_batch(variant):
+    """GradCache: 4 micro-batches of 2 give the loss and the gradients of one pass over all 8 samples."""
+    processor = tiny_processor()
+    model, collator = _variant(variant, processor)
+    model.train().double()  # float64: the comparison tests the algebra, not float32 summation order
+    examples = [{**e, "pixel_values": e["pixel_values"].double()} for e in _examples()]
+    if variant == "betaclip":
+        for example, hierarchy in zip(examples, parse_hierarchies([e["caption"] for e in examples])):
+            example.update(hierarchy)
+    whole = _variant(variant, processor)[1](examples)  # a second collator: the same seed, the same samples
+    micro = [collator(examples[i : i + 2]) for i in range(0, 8, 2)]  # each micro-batch padded on its own
+    if variant == "fixclip":  # the same patch masks in both runs (the draws would differ by batch shape)
+        whole["patch_mask"] = random_patch_mask(8, 16, 0.75, generator=5)
+        for i, batch in enumerate(micro):
+            batch["patch_mask"] = whole["patch_mask"][2 * i : 2 * i + 2]
+    kwargs = {"warmup_alpha": 0.5} if variant == "finelip" else {}
+
+    full = model(**whole, return_loss=True, **kwargs)
+    full.loss.backward()
+    reference = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+
+    output = cached_accumulation_step(model, micro, kwargs)
+    torch.testing.assert_close(output.loss, full.loss.detach(), rtol=1e-10, atol=1e-12)
+    cached = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert cached.keys() == reference.keys() and len(cached) > 10
+    heads = [n for n in cached if not n.startswith(("text_model.", "vision_model.", "text_projection", "visual_proj",
+                                                    "logit_scale"))]
+    assert heads or variant == "longclip"
+    for name, grad in cached.items():
+        torch.testing.assert_close(grad, reference[name], rtol=1e-8, atol=1e-10, msg=lambda m: f"{name}: {m}")
+    # and it is not the authors' naive accumulation (2-way negatives per micro-batch)
+    model.zero_grad()
+    for batch in micro:
+        (model(**batch, return_loss=True, **kwargs).loss / 4).backward()
+    naive = model.text_projection.weight.grad
+    assert not torch.allclose(naive, reference["text_projection.weight"], rtol=1e-3, atol=1e-6)
+
+
+def test_cached_accumulation_replays_random_choices():
+    """Random patch masks drawn inside the encoder are the same in the no-grad pass and the recompute."""
+    processor = tiny_processor()
+    model, collator = _variant("fixclip", processor)
+    model.train()
+    micro = [collator(_examples()[i : i + 4]) for i in (0, 4)]
+    torch.manual_seed(123)
+    cached_accumulation_step(model, micro)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    torch.manual_seed(123)  # the masks the cached step drew: one draw per micro-batch, in order
+    masks = [random_patch_mask(4, 16, model.config.mask_ratio, None) for _ in micro]
+    torch.manual_seed(123)
+    features = []
+    for batch, mask in zip(micro, masks):
+        features.append(model.loss_features(**batch, patch_mask=mask))
+    model.loss_from_features(concat_features(features)[0]).loss.backward()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, model.get_parameter(name).grad, rtol=1e-4, atol=1e-6)
+
+
+def test_concat_features_pads_trailing_dims():
+    a = {"q": torch.ones(2, 3, 4), "m": torch.ones(2, 3, dtype=torch.bool), "x": None}
+    b = {"q": torch.ones(1, 5, 4), "m": torch.ones(1, 5, dtype=torch.bool), "x": None}
+    merged, shapes = concat_features([a, b])
+    assert set(merged) == {"q", "m"} and merged["q"].shape == (3, 5, 4)
+    assert merged["m"].tolist() == [[True] * 3 + [False] * 2] * 2 + [[True] * 5]
+    assert shapes == [{"q": (2, 3, 4), "m": (2, 3)}, {"q": (1, 5, 4), "m": (1, 5)}]
