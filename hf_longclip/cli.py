@@ -2,15 +2,34 @@
 
 Sub-commands are registered in :data:`SUBCOMMANDS` (name -> function adding its parser); each parser sets
 ``handler``, a function taking the parsed namespace and returning an exit status. Add a sub-command by writing
-``_add_<name>(subparsers)`` and listing it there.
+``_add_<name>(subparsers)`` and listing it there. A handler reports bad input by raising :class:`CommandError`:
+:func:`main` prints it as one ``error: ...`` line on stderr and returns 1 (no traceback).
+
+* ``convert``: the authors' original ``.pt`` checkpoint -> a saved `LongCLIPModel` + `LongCLIPProcessor`.
+* ``stretch``: a stock CLIP (Hub id or folder) -> an untrained variant model (248 text positions) + processor.
+* ``export``: a saved hf_longclip model -> stock transformers ``CLIPModel`` / ``CLIPTextModel`` /
+  ``CLIPTextModelWithProjection`` folders, or the diffusers ``text_encoder/`` + ``tokenizer/`` layout.
+* ``evaluate``: retrieval / FG-OVD / zero-shot benchmarks -> a JSON results file.
+* ``push``: model, processor and generated card -> the Hub in one commit.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
+
+
+class CommandError(Exception):
+    """Bad input to a sub-command; :func:`main` prints ``error: <message>`` and exits with status 1."""
+
+
+def _one_line(error: BaseException | str) -> str:
+    """An exception's message on one line (transformers' loading errors span several)."""
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 def _load_model_and_processor(source: str, revision: str | None, trust_remote_code: bool, device: str | None = None):
@@ -23,6 +42,311 @@ def _load_model_and_processor(source: str, revision: str | None, trust_remote_co
     if device:
         model = model.to(device)
     return model.eval(), processor
+
+
+# ----------------------------------------------------------------------------------------------- shared checks
+#: ``--variant`` name -> model class name in hf_longclip.
+VARIANT_CLASSES = {
+    "longclip": "LongCLIPModel",
+    "finelip": "FineLIPModel",
+    "fixclip": "FixCLIPModel",
+    "mulclip": "MulCLIPModel",
+    "betaclip": "BetaCLIPModel",
+}
+
+
+def _config_dict(source: str, what: str, revision: str | None = None) -> dict:
+    """The ``config.json`` of a folder or Hub id, or a `CommandError` saying why there is none."""
+    from transformers import PreTrainedConfig
+
+    if _looks_local(source) and not Path(source).is_dir():
+        raise CommandError(f"{what} {source!r} is not a folder")
+    try:
+        config, _ = PreTrainedConfig.get_config_dict(source, **({"revision": revision} if revision else {}))
+    except (OSError, ValueError) as error:
+        raise CommandError(f"cannot read a config for {what} {source!r}: {_one_line(error)}") from error
+    if not config:
+        raise CommandError(f"{what} {source!r} has no config.json")
+    return config
+
+
+def _looks_local(source: str) -> bool:
+    """True for what can only be a path (exists, starts with . / ~, or has more than one '/'), not a Hub id."""
+    return os.path.exists(source) or source.startswith((".", "/", "~")) or source.count("/") > 1
+
+
+def _load_processor(source: str, max_length: int, revision: str | None = None):
+    """A `LongCLIPProcessor` from the CLIP tokenizer + image processor of `source`, at `max_length` tokens."""
+    from .processing_longclip import LongCLIPProcessor
+
+    if _looks_local(source) and not Path(source).is_dir():
+        raise CommandError(f"processor source {source!r} is not a folder")
+    try:
+        processor = LongCLIPProcessor.from_clip(source, max_length=max_length, **({"revision": revision} if revision else {}))
+    except (OSError, ValueError, TypeError) as error:
+        raise CommandError(f"cannot load a CLIP tokenizer and image processor from {source!r}: {_one_line(error)}") from error
+    # CLIPTokenizer.from_pretrained on a folder (or an unreachable Hub id) without vocab.json / merges.txt /
+    # tokenizer.json silently returns a tokenizer of the 2 special tokens: refuse it rather than save it.
+    if len(processor.tokenizer) <= 2:
+        raise CommandError(
+            f"{source!r} holds no CLIP tokenizer files (vocab.json + merges.txt or tokenizer.json); "
+            "pass a CLIP checkpoint folder or Hub id that has them"
+        )
+    return processor
+
+
+def _check_processor_fits(processor, model, source: str) -> None:
+    """The tokenizer's ids must exist in the model's vocabulary and the image crop must match the image tower."""
+    vocab = model.config.text_config.vocab_size
+    if len(processor.tokenizer) > vocab:
+        raise CommandError(
+            f"the tokenizer of {source!r} has {len(processor.tokenizer)} tokens but the model's vocabulary has {vocab}"
+        )
+    image_processor = processor.image_processor
+    crop = getattr(image_processor, "crop_size", None) or {}
+    if getattr(image_processor, "do_center_crop", False) and crop.get("height"):
+        size = model.config.vision_config.image_size
+        if (crop["height"], crop["width"]) != (size, size):
+            raise CommandError(
+                f"the image processor of {source!r} crops to {crop['height']}x{crop['width']} but the model's image "
+                f"tower takes {size}x{size}; pass a processor source matching the model (e.g. --base-processor "
+                "openai/clip-vit-large-patch14-336 for a 336 px model)"
+            )
+
+
+def _take_special_ids(model, tokenizer) -> None:
+    """Set the text config's start / end-of-text ids to the tokenizer's.
+
+    The authors' files store no token ids, so the converted config carries CLIP's defaults (49406 / 49407), right
+    for OpenAI's tokenizer. The text tower pools at the first ``eos_token_id``: with any other tokenizer, the config
+    must name that tokenizer's end-of-text id or every caption is pooled at position 0.
+    """
+    text_config = model.config.text_config
+    for name in ("bos_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if value is not None:
+            setattr(text_config, name, value)
+    model.text_model.eos_token_id = text_config.eos_token_id  # read once when the text tower is built
+
+
+def _text_length(model) -> int:
+    return model.config.text_config.max_position_embeddings
+
+
+def _describe(model) -> str:
+    text, vision = model.config.text_config, model.config.vision_config
+    return (
+        f"{type(model).__name__} ({text.max_position_embeddings} text positions, {text.num_hidden_layers}-layer "
+        f"width-{text.hidden_size} text tower, ViT {vision.image_size} px / {vision.patch_size})"
+    )
+
+
+# ----------------------------------------------------------------------------------------------- convert
+def _add_convert(subparsers) -> None:
+    p = subparsers.add_parser(
+        "convert",
+        help="convert the authors' original Long-CLIP .pt checkpoint (longclip-B.pt / -L.pt) to a saved model folder",
+        description="Reads the .pt with torch.load(weights_only=True) (no pickled code runs), merges the frozen and "
+        "trained position tables, and saves a LongCLIPModel plus a LongCLIPProcessor built from a stock CLIP's "
+        "tokenizer and image processor, so AutoModel / AutoProcessor.from_pretrained(OUTPUT) work.",
+    )
+    p.add_argument("--checkpoint", required=True, help="the original .pt file")
+    p.add_argument("--output", required=True, help="output folder")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument(
+        "--base-processor", default=None,
+        help="Hub id or folder of the stock CLIP whose tokenizer / image processor to use "
+        "(default: openai/clip-vit-base-patch16; openai/clip-vit-large-patch14 for longclip-L.pt)",
+    )
+    source.add_argument("--processor-dir", default=None, help="a local folder holding a CLIP tokenizer + image processor")
+    p.add_argument("--keep", type=int, default=20, help="leading position rows the authors kept frozen (default 20)")
+    p.set_defaults(handler=_run_convert)
+
+
+def _run_convert(args) -> int:
+    from .conversion import convert_original_checkpoint
+
+    checkpoint = Path(args.checkpoint)
+    if not checkpoint.is_file():
+        raise CommandError(f"checkpoint {args.checkpoint!r} is not a file")
+    if args.processor_dir is not None and not Path(args.processor_dir).is_dir():
+        raise CommandError(f"--processor-dir {args.processor_dir!r} is not a folder")
+    processor_source = args.processor_dir or args.base_processor or "openai/clip-vit-base-patch16"
+    processor = _load_processor(processor_source, 248)  # before the (slow) conversion, so a bad source fails fast
+    try:
+        model = convert_original_checkpoint(checkpoint, position_keep=args.keep)
+    except Exception as error:  # torch.load's refusals, missing keys, wrong shapes: all mean "not this format"
+        raise CommandError(
+            f"cannot convert {args.checkpoint!r} (expected the authors' OpenAI-CLIP-layout Long-CLIP state dict): "
+            f"{type(error).__name__}: {_one_line(error)}"
+        ) from error
+    processor.tokenizer.model_max_length = _text_length(model)
+    _check_processor_fits(processor, model, processor_source)
+    _take_special_ids(model, processor.tokenizer)
+    model.save_pretrained(args.output)
+    processor.save_pretrained(args.output)
+    print(f"wrote {_describe(model)} and LongCLIPProcessor (tokenizer and image processor of {processor_source}) "
+          f"to {args.output}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- stretch
+def _add_stretch(subparsers) -> None:
+    p = subparsers.add_parser(
+        "stretch",
+        help="build an untrained variant model (248 text positions) from a stock CLIP and save it with its processor",
+        description="Stretches the stock CLIP's text position table (Long-CLIP's knowledge-preserving stretch: rows "
+        "< --keep copied, each later row interpolated into --ratio rows) and adds the variant's freshly initialised "
+        "heads. Variants: " + ", ".join(VARIANT_CLASSES) + ".",
+    )
+    p.add_argument("--base", required=True, help="a stock CLIP checkpoint: Hub id (openai/clip-vit-base-patch16) or folder")
+    p.add_argument("--output", required=True, help="output folder")
+    p.add_argument("--variant", default="longclip", help="one of: " + ", ".join(VARIANT_CLASSES) + " (default longclip)")
+    p.add_argument("--keep", type=int, default=20, help="leading position rows copied unchanged and frozen (default 20)")
+    p.add_argument("--ratio", type=int, default=4, help="rows made from each later source row (default 4: 77 -> 248)")
+    p.add_argument("--processor", default=None, help="tokenizer / image processor source (default: --base)")
+    p.add_argument("--keep-logit-scale", action="store_true", help="keep the source's logit_scale (default: reset to ln 100)")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="FIELD=VALUE",
+        help="a field of the variant's config (repeatable; VALUE is read as JSON, else as a string), e.g. "
+        "--set num_groups=2 --set short_loss_weight=0.5",
+    )
+    p.add_argument("--revision", default=None, help="Hub revision of --base")
+    p.set_defaults(handler=_run_stretch)
+
+
+def _config_fields(pairs: list[str], config_class) -> dict:
+    """``FIELD=VALUE`` strings -> keyword arguments, checked against the variant config's fields."""
+    fields = {}
+    known = set(getattr(config_class, "__dataclass_fields__", {})) - {"text_config", "vision_config"}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise CommandError(f"--set expects FIELD=VALUE, got {pair!r}")
+        if key not in known:
+            raise CommandError(f"{config_class.__name__} has no field {key!r}; fields: {', '.join(sorted(known))}")
+        try:
+            fields[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            fields[key] = raw
+    return fields
+
+
+def _run_stretch(args) -> int:
+    import hf_longclip
+    from transformers import CLIPModel
+
+    from .configuration_longclip import validate_stretch
+
+    if args.variant not in VARIANT_CLASSES:
+        raise CommandError(f"unknown variant {args.variant!r}; choose from {', '.join(VARIANT_CLASSES)}")
+    cls = getattr(hf_longclip, VARIANT_CLASSES[args.variant])
+    fields = _config_fields(args.set, cls.config_class)
+    config = _config_dict(args.base, "--base", args.revision)
+    model_type = config.get("model_type")
+    if model_type != "clip":
+        kind = f"a {model_type!r} model" if model_type else "not a transformers model (no model_type)"
+        hint = " (already long: fine-tune or export it instead)" if model_type in VARIANT_CLASSES else ""
+        raise CommandError(f"--base {args.base!r} is {kind}{hint}; stretch takes a stock CLIP checkpoint (model_type 'clip')")
+    source_rows = config.get("text_config", {}).get("max_position_embeddings", 77)
+    try:
+        validate_stretch(source_rows, args.keep, args.ratio)
+    except ValueError as error:
+        raise CommandError(_one_line(error)) from error
+    rows = args.keep + args.ratio * (source_rows - args.keep)
+    processor_source = args.processor or args.base
+    processor = _load_processor(processor_source, rows, args.revision if args.processor is None else None)
+    try:
+        clip = CLIPModel.from_pretrained(args.base, **({"revision": args.revision} if args.revision else {}))
+    except (OSError, ValueError) as error:
+        raise CommandError(f"cannot load the CLIP weights of {args.base!r}: {_one_line(error)}") from error
+    try:
+        model = cls.from_clip(
+            clip, position_keep=args.keep, position_ratio=args.ratio, reset_logit_scale=not args.keep_logit_scale, **fields
+        )
+    except (ValueError, TypeError) as error:  # config validation, e.g. Fix-CLIP groups that do not divide the layers
+        raise CommandError(f"cannot build a {cls.__name__} from {args.base!r}: {_one_line(error)}") from error
+    _check_processor_fits(processor, model, processor_source)
+    model.save_pretrained(args.output)
+    processor.save_pretrained(args.output)
+    print(f"wrote untrained {_describe(model)} stretched from {args.base} ({source_rows} -> {rows} positions, keep "
+          f"{args.keep}, ratio {args.ratio}) and LongCLIPProcessor to {args.output}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- export
+EXPORT_FORMATS = ("clip", "text", "text-with-projection", "diffusers-text-encoder")
+
+
+def _add_export(subparsers) -> None:
+    p = subparsers.add_parser(
+        "export",
+        help="write a saved hf_longclip model as stock transformers CLIP folders or the diffusers text-encoder layout",
+        description="Formats: clip (CLIPModel + CLIPProcessor), text (CLIPTextModel + tokenizer), "
+        "text-with-projection (CLIPTextModelWithProjection + tokenizer), diffusers-text-encoder (text_encoder/ + "
+        "tokenizer/ for StableDiffusionPipeline.from_pretrained(base, text_encoder=..., tokenizer=...)). "
+        "Every tokenizer has model_max_length equal to the model's text length (248). The variant's training heads "
+        "are dropped; the result loads without hf_longclip.",
+    )
+    p.add_argument("--model", required=True, help="a saved hf_longclip model folder (or Hub id) with its processor")
+    p.add_argument("--output", required=True, help="output folder")
+    p.add_argument("--format", required=True, help="one of: " + ", ".join(EXPORT_FORMATS))
+    p.add_argument(
+        "--pad-with", default="longclip", choices=["longclip", "eos", "base"],
+        help="diffusers-text-encoder: pad token of the saved tokenizer (longclip: id 0 as the authors' SD code; eos; "
+        "base: keep the tokenizer's); see docs/diffusion.md",
+    )
+    p.add_argument("--revision", default=None)
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.set_defaults(handler=_run_export)
+
+
+def _run_export(args) -> int:
+    from .modeling_longclip import LongCLIPModel
+
+    if args.format not in EXPORT_FORMATS:
+        raise CommandError(f"unknown format {args.format!r}; choose from {', '.join(EXPORT_FORMATS)}")
+    model_type = _config_dict(args.model, "--model", args.revision).get("model_type")
+    if model_type not in VARIANT_CLASSES:
+        hint = " (stretch it first: hf-longclip stretch --base ...)" if model_type == "clip" else ""
+        raise CommandError(
+            f"--model {args.model!r} is not an hf_longclip model (model_type {model_type!r}){hint}; expected one of "
+            f"{', '.join(VARIANT_CLASSES)}"
+        )
+    try:
+        model, processor = _load_model_and_processor(args.model, args.revision, args.trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise CommandError(f"cannot load {args.model!r}: {_one_line(error)}") from error
+    if not isinstance(model, LongCLIPModel):
+        raise CommandError(f"--model {args.model!r} loaded as {type(model).__name__}, not an hf_longclip model")
+    tokenizer = processor.tokenizer
+    tokenizer.model_max_length = _text_length(model)
+    output = Path(args.output)
+    try:
+        if args.format == "clip":
+            from transformers import CLIPProcessor
+
+            exported = model.to_clip_model()
+            exported.save_pretrained(output)
+            CLIPProcessor(image_processor=processor.image_processor, tokenizer=tokenizer).save_pretrained(output)
+            what = "CLIPProcessor"
+        elif args.format in ("text", "text-with-projection"):
+            exported = model.to_text_model(with_projection=args.format == "text-with-projection")
+            exported.save_pretrained(output)
+            tokenizer.save_pretrained(output)
+            what = "CLIPTokenizer"
+        else:
+            from .diffusion import export_text_encoder
+
+            exported = model.to_text_model()
+            export_text_encoder(exported, output, tokenizer, pad_with=args.pad_with)
+            what = "tokenizer/"
+    except NotImplementedError as error:  # Fix-CLIP's prompted image tower has no stock equivalent
+        raise CommandError(_one_line(error)) from error
+    where = f"{output / 'text_encoder'} and {output / 'tokenizer'}" if args.format == "diffusers-text-encoder" else str(output)
+    print(f"wrote stock {type(exported).__name__} ({_text_length(model)} text positions) + {what} "
+          f"({tokenizer.model_max_length}-token) exported from {type(model).__name__} to {where}")
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------- evaluate
@@ -134,6 +458,9 @@ def _run_push(args) -> int:
 
 #: Sub-command name -> function adding its parser to the sub-parsers action.
 SUBCOMMANDS: dict[str, Callable] = {
+    "convert": _add_convert,
+    "stretch": _add_stretch,
+    "export": _add_export,
     "evaluate": _add_evaluate,
     "push": _add_push,
 }
@@ -151,7 +478,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``hf-longclip`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
-    return args.handler(args)
+    try:
+        return args.handler(args)
+    except CommandError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
