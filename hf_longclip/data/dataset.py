@@ -362,6 +362,10 @@ class SkipCounter:
             if count:
                 self._counts[reason] += int(count)
 
+    def reset(self) -> None:
+        """Forget every count (e.g. after handing them to another process's counter)."""
+        self._counts.clear()
+
     @property
     def total(self) -> int:
         """Samples skipped so far."""

@@ -119,7 +119,8 @@ class EvalTransform:
         new_short, new_long = self.size, int(self.size * long / short)
         return (new_short, new_long) if width <= height else (new_long, new_short)
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
+    def __call__(self, image: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
+        # `rng` is accepted (and unused) so every transform has the same call signature as `TrainTransform`.
         if image.mode != "RGB":
             image = image.convert("RGB")
         new_size = self.resize_shape(*image.size)
