@@ -1,0 +1,221 @@
+"""training_scripts/train.py end to end: quickstart per variant, 2 processes == 1, resume, bad data, trackers."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from hf_longclip.testing_utils import spawn_distributed
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "training_scripts" / "configs" / "quickstart.yaml"
+
+
+def _train_module():
+    spec = importlib.util.spec_from_file_location("hf_longclip_train_script", ROOT / "training_scripts" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def train(*flags) -> dict:
+    return _train_module().main([str(f) for f in flags])
+
+
+#: A small, fast model and data set (the tests' version of the quickstart recipe).
+TINY = [
+    "--base", "tiny-random", "--tiny_hidden_size", "32", "--tiny_num_layers", "2", "--tiny_num_heads", "4",
+    "--tiny_projection_dim", "32", "--tiny_image_size", "32", "--tiny_patch_size", "8",
+    "--synthetic_image_size", "32", "--num_workers", "0", "--disable_progress_bar", "true",
+    "--learning_rate", "1e-3", "--warmup_steps", "2", "--weight_decay_filter", "matrices",
+]
+
+
+# ----------------------------------------------------------------------------------------------- quickstart
+QUICK_VARIANTS = {
+    "longclip": [],
+    "finelip": ["--model_config", '{"global_loss_weight": 1.0, "hinge_warmup": false}', "--head_learning_rate", "1e-3"],
+    "fixclip": ["--model_config", '{"num_groups": 2, "group_align_start": 1}'],
+    "mulclip": [],
+    "betaclip": ["--model_config", '{"beta_cal_loss_weight": 0.5}', "--head_learning_rate", "1e-3"],
+}
+
+
+@pytest.mark.parametrize("variant", sorted(QUICK_VARIANTS))
+def test_quickstart_recipe_trains_every_variant(variant, tmp_path):
+    """The quickstart recipe, shortened: the loss falls and held-out long-caption R@1 rises far above chance."""
+    data = tmp_path.parent / "synthetic-shared"  # generated once, reused by every variant
+    summary = train(
+        "--config", QUICKSTART, *TINY, "--variant", variant, "--output_dir", tmp_path / "run",
+        "--image_root", data, "--synthetic_num_train", 512, "--synthetic_num_eval", 100,
+        "--per_device_train_batch_size", 32, "--max_steps", 80, "--logging_steps", 10, "--save_steps", 0,
+        *QUICK_VARIANTS[variant],
+    )
+    before, after = summary["evaluations"]["before"], summary["evaluations"]["after"]
+    chance = 100.0 / after["num_images"]  # R@1 of a random ranking, in percent
+    assert after["num_images"] == 100 and summary["finished"]
+    assert after["t2i_R@1"] >= 8 * chance and after["i2t_R@1"] >= 8 * chance, (before, after)
+    assert after["t2i_R@5"] > before["t2i_R@5"]
+    log = json.loads((tmp_path / "run" / "train_summary.json").read_text())
+    assert log["last_loss_terms"]["loss"] < _first_loss(tmp_path / "run", variant)
+    # the saved model loads with AutoModel and is the trained one
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(tmp_path / "run")
+    assert model.config.model_type == variant and (tmp_path / "run" / "README.md").is_file()
+
+
+def _first_loss(run_dir: Path, variant: str) -> float:
+    """The loss at step 0 of the same run, recomputed from the recipe (the summary keeps the last one)."""
+    first = json.loads((run_dir / "train_summary.json").read_text()).get("first_loss_terms")
+    return first["loss"]
+
+
+# ----------------------------------------------------------------------------------------------- distributed
+def _distributed_flags(out_dir, per_device, accum, mode="cached"):
+    return [
+        "--config", QUICKSTART, *TINY, "--output_dir", out_dir, "--image_root", Path(out_dir).parent / "data",
+        "--synthetic_num_train", 64, "--synthetic_num_eval", 0, "--per_device_train_batch_size", per_device,
+        "--gradient_accumulation_steps", accum, "--accumulation_mode", mode, "--max_steps", 3, "--save_steps", 0,
+        "--model_config", '{"pca_components": 4, "pca_scope": "global"}', "--eval_before_training", "false",
+        "--logging_steps", 1,
+    ]
+
+
+def _distributed_worker(out_dir):
+    train(*_distributed_flags(out_dir, per_device=2, accum=2))
+
+
+def test_two_processes_give_the_same_loss_and_weights_as_one(tmp_path):
+    """2 processes x 2 samples x 2 cached micro-batches == 1 process x 8 samples: same losses, same weights."""
+    one = tmp_path / "one"
+    single = train(*_distributed_flags(one, per_device=8, accum=1))
+    two = tmp_path / "two"
+    spawn_distributed(_distributed_worker, args=(str(two),))
+    multi = json.loads((two / "train_summary.json").read_text())
+    assert multi["global_step"] == single["global_step"] == 3
+    for key, value in single["last_loss_terms"].items():
+        assert multi["last_loss_terms"][key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    a, b = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
+    assert a.keys() == b.keys()
+    bad = {}
+    for key in a:
+        # Attention key biases cannot change the softmax: their true gradient is 0 and Adam turns the float noise
+        # there into full-size steps of random sign, so they are not comparable between any two runs.
+        if key.endswith("k_proj.bias"):
+            continue
+        if not torch.allclose(b[key], a[key], rtol=1e-4, atol=1e-6):
+            bad[key] = (b[key] - a[key]).abs().max().item()
+    assert not bad, bad
+
+
+# ----------------------------------------------------------------------------------------------- resume
+def _resume_flags(out_dir, data_dir, *extra):
+    return [
+        "--config", QUICKSTART, *TINY, "--variant", "fixclip", "--output_dir", out_dir, "--image_root", data_dir,
+        "--model_config", '{"num_groups": 2, "group_align_start": 1}', "--transform", "random_resized_crop",
+        "--num_workers", 2, "--synthetic_num_train", 96, "--synthetic_num_eval", 0, "--per_device_train_batch_size",
+        8, "--gradient_accumulation_steps", 2, "--num_train_epochs", 2, "--save_steps", 2, "--save_total_limit", 2,
+        *extra,
+    ]
+
+
+def test_killed_and_resumed_run_ends_bit_identical(tmp_path):
+    """Random crops (2 workers), random patch masks and cached accumulation: stopping after step 5 and resuming
+    from the latest checkpoint ends with exactly the weights of an uninterrupted run."""
+    data = tmp_path / "data"
+    whole = train(*_resume_flags(tmp_path / "whole", data))
+    assert whole["total_steps"] == 12 and whole["finished"]
+    part = train(*_resume_flags(tmp_path / "parts", data, "--stop_after_steps", 5))
+    assert part["global_step"] == 5 and not part["finished"]
+    assert not (tmp_path / "parts" / "model.safetensors").exists()
+    # a save that died half-way leaves only a temporary folder, which resuming ignores
+    (tmp_path / "parts" / "checkpoints" / ".tmp-step-00000006").mkdir()
+    kept = sorted(p.name for p in (tmp_path / "parts" / "checkpoints").glob("step-*"))
+    assert kept == ["step-00000004", "step-00000005"]  # save_total_limit 2
+    rest = train(*_resume_flags(tmp_path / "parts", data, "--resume_from_checkpoint", "latest"))
+    assert rest["finished"] and rest["global_step"] == 12
+    a, b = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "parts" / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
+
+
+# ----------------------------------------------------------------------------------------------- bad data
+def _png16(path: Path, value: int) -> None:
+    """A 16-bit grayscale PNG written by hand (PIL writes I;16 too, but be explicit about the bit depth)."""
+    width = height = 40
+    raw = b"".join(b"\x00" + struct.pack(">H", value) * width for _ in range(height))
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, 0, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def _bad_data_set(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+
+    def rgb(name, size=(40, 40)):
+        Image.fromarray(rng.integers(0, 255, (*size[::-1], 3), dtype=np.uint8)).save(folder / name)
+        return name
+
+    rows = [{"image": rgb(f"good{i}.png"), "caption": f"a red circle number {i}. it is large."} for i in range(12)]
+    Image.fromarray(rng.integers(0, 255, (40, 40), dtype=np.uint8)).save(folder / "gray.png")
+    Image.fromarray(rng.integers(0, 255, (40, 40, 4), dtype=np.uint8), "RGBA").save(folder / "rgba.png")
+    Image.fromarray(rng.integers(0, 255, (40, 40, 4), dtype=np.uint8), "CMYK").save(folder / "cmyk.jpg")
+    _png16(folder / "deep.png", 40000)
+    (folder / "corrupt.jpg").write_bytes(b"not an image at all" * 10)
+    (folder / "empty.png").write_bytes(b"")
+    full = folder / "good0.png"
+    (folder / "truncated.png").write_bytes(full.read_bytes()[: len(full.read_bytes()) // 3])
+    Image.new("RGB", (300, 300)).save(folder / "huge.png")
+    rows += [
+        {"image": "gray.png", "caption": "a gray picture"},
+        {"image": "rgba.png", "caption": "a transparent picture"},
+        {"image": "cmyk.jpg", "caption": "a cmyk picture"},
+        {"image": "deep.png", "caption": "a sixteen bit picture"},
+        {"image": "corrupt.jpg", "caption": "broken"},
+        {"image": "empty.png", "caption": "empty file"},
+        {"image": "truncated.png", "caption": "cut short"},
+        {"image": "missing.png", "caption": "not there"},
+        {"image": "huge.png", "caption": "too many pixels"},
+        {"image": "good1.png", "caption": ""},
+        {"image": "good2.png", "caption": 17},
+    ]
+    table = folder / "pairs.jsonl"
+    table.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return table
+
+
+def test_bad_samples_are_skipped_counted_and_reported(tmp_path):
+    table = _bad_data_set(tmp_path / "data")
+    flags = [*TINY, "--train_data", table, "--output_dir", tmp_path / "run", "--max_image_pixels", 200 * 200,
+             "--per_device_train_batch_size", 23, "--max_steps", 2, "--save_steps", 0, "--report_to", "tensorboard"]
+    summary = train(*flags)
+    assert summary["finished"] and summary["global_step"] == 2
+    # two passes over the 23 records: every bad one counted each time it was drawn; grayscale, RGBA, CMYK and
+    # 16-bit images are converted, not skipped
+    per_epoch = {"corrupt": 2, "empty": 1, "missing": 1, "too_large": 1, "empty_caption": 1, "non_string_caption": 1}
+    assert summary["skipped_samples"] == {k: 2 * v for k, v in per_epoch.items()}
+    assert list((tmp_path / "run").rglob("events.out.tfevents.*")), "the tensorboard tracker wrote nothing"
+    # --strict stops at start-up, naming the problem, before any training
+    with pytest.raises(ValueError, match=r"bad sample at index 17 .*empty\.png.*: empty"):
+        train(*flags, "--strict", "true", "--output_dir", tmp_path / "strict")
+    assert not (tmp_path / "strict" / "checkpoints").exists()
+
+
+def test_invalid_recipe_value_stops_before_any_work(tmp_path):
+    with pytest.raises(SystemExit, match="learning_rate must be >= 0"):
+        train(*TINY, "--learning_rate", "-0.1", "--output_dir", tmp_path / "run")
+    assert not (tmp_path / "run").exists()
