@@ -8,6 +8,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from transformers import AutoModel, AutoProcessor, CLIPModel, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -161,6 +162,37 @@ def test_pca_short_loss_matches_hand_computation():
     assert loss.item() == pytest.approx(expected, abs=1e-10)
     # batches no larger than the component count keep every direction
     assert torch.equal(pca_reconstruct(torch.tensor(image[:2]), 2), torch.tensor(image[:2]))
+
+
+def _svd_reference(features, k):
+    """The authors' computation: autograd through torch's SVD."""
+    mean = features.mean(0, keepdim=True)
+    _, _, vh = torch.linalg.svd(features - mean, full_matrices=False)
+    return (features - mean) @ vh[:k].t() @ vh[:k] + mean
+
+
+def test_pca_gradient_equals_svd_gradient_and_stays_finite_where_svd_gives_nan():
+    torch.manual_seed(0)
+    for rows, dim, k in [(10, 6, 3), (40, 16, 5), (8, 20, 4)]:
+        features = torch.randn(rows, dim, dtype=torch.float64, requires_grad=True)
+        upstream = torch.randn(rows, dim, dtype=torch.float64)
+        (pca_reconstruct(features, k) * upstream).sum().backward()
+        ours, features.grad = features.grad, None
+        (_svd_reference(features, k) * upstream).sum().backward()
+        torch.testing.assert_close(ours, features.grad, rtol=1e-9, atol=1e-11)
+    # Nearly identical features (a freshly initialised model on similar images): rank 3 < 32 components. torch's
+    # SVD backward divides by differences of equal (zero) singular values and returns NaN, which is how a
+    # Long-CLIP run's weights become NaN (the authors' issue #52); the projection keeps the batch as it is.
+    base = torch.randn(1, 64) + 1e-2 * torch.randn(64, 3) @ torch.randn(3, 64)
+    features = F.normalize(base, dim=-1).requires_grad_()
+    upstream = torch.randn(64, 64)
+    (_svd_reference(features, 32) * upstream).sum().backward()
+    assert not torch.isfinite(features.grad).all()
+    features.grad = None
+    out = pca_reconstruct(features, 32)
+    torch.testing.assert_close(out, features.detach(), rtol=0, atol=1e-6)
+    (out * upstream).sum().backward()
+    torch.testing.assert_close(features.grad, upstream)
 
 
 def test_forward_loss_terms(longclip_model, processor):
