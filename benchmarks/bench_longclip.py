@@ -20,8 +20,8 @@ Modes, each run in its own subprocess (so peak RSS is per mode):
 Timing on a shared CPU. Every timed call records wall time and process CPU time (``time.process_time``, all
 threads). The children run with ``OMP_WAIT_POLICY=PASSIVE`` by default (``--omp-wait-policy``): with OpenMP's
 default busy-waiting, a 2-thread forward that shares its 2 cores with other processes spends most of its time
-spinning at barriers (measured here: 3.4-4.2 s instead of 1.4 s for the same call), which swamps any 2% effect in
-both clocks. With passive waiting, CPU time counts the work done and is the steadier clock under load; on an idle
+spinning at barriers (measured here on a text-tower forward: 3.4-4.2 s, against 1.4-1.5 s on a free machine and
+1.2-1.6 s with passive waiting under the same load), which swamps any 2% effect in both clocks. With passive waiting, CPU time counts the work done and is the steadier clock under load; on an idle
 machine the two agree. Both clocks are printed; both models always run under the same policy.
 
 A training step is forward + backward + AdamW step, fp32. Both step models are built from the same seed and
