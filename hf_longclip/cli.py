@@ -117,9 +117,9 @@ def _check_processor_fits(processor, model, source: str) -> None:
 def _take_special_ids(model, tokenizer) -> None:
     """Set the text config's start / end-of-text ids to the tokenizer's.
 
-    The authors' files store no token ids, so the converted config carries CLIP's defaults (49406 / 49407), right
-    for OpenAI's tokenizer. The text tower pools at the first ``eos_token_id``: with any other tokenizer, the config
-    must name that tokenizer's end-of-text id or every caption is pooled at position 0.
+    The authors' files store no token ids; conversion takes the last two ids of the vocabulary (OpenAI's layout:
+    49406 / 49407). The text tower pools at the first ``eos_token_id``, so the config must name the end-of-text id of
+    the tokenizer saved with the model, or every caption is pooled at position 0.
     """
     text_config = model.config.text_config
     for name in ("bos_token_id", "eos_token_id"):
@@ -160,6 +160,8 @@ def _add_convert(subparsers) -> None:
     )
     source.add_argument("--processor-dir", default=None, help="a local folder holding a CLIP tokenizer + image processor")
     p.add_argument("--keep", type=int, default=20, help="leading position rows the authors kept frozen (default 20)")
+    p.add_argument("--text-heads", type=int, default=None, help="text attention heads (default: width // 64, as OpenAI)")
+    p.add_argument("--vision-heads", type=int, default=None, help="image attention heads (default: width // 64)")
     p.set_defaults(handler=_run_convert)
 
 
@@ -174,11 +176,14 @@ def _run_convert(args) -> int:
     processor_source = args.processor_dir or args.base_processor or "openai/clip-vit-base-patch16"
     processor = _load_processor(processor_source, 248)  # before the (slow) conversion, so a bad source fails fast
     try:
-        model = convert_original_checkpoint(checkpoint, position_keep=args.keep)
+        model = convert_original_checkpoint(
+            checkpoint, position_keep=args.keep, text_num_heads=args.text_heads, vision_num_heads=args.vision_heads
+        )
     except Exception as error:  # torch.load's refusals, missing keys, wrong shapes: all mean "not this format"
+        hint = " (--text-heads / --vision-heads)" if "num_heads" in str(error) else ""
         raise CommandError(
             f"cannot convert {args.checkpoint!r} (expected the authors' OpenAI-CLIP-layout Long-CLIP state dict): "
-            f"{type(error).__name__}: {_one_line(error)}"
+            f"{type(error).__name__}: {_one_line(error)}{hint}"
         ) from error
     processor.tokenizer.model_max_length = _text_length(model)
     _check_processor_fits(processor, model, processor_source)

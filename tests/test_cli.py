@@ -167,16 +167,18 @@ def _openai_layout(model: LongCLIPModel, keep: int = 20) -> dict:
 
 
 def test_convert_original_checkpoint(clip_dir, inputs, tmp_path, capsys):
-    # The authors' files do not store head counts; conversion infers width // 64 heads (OpenAI CLIP's rule), so the
-    # tiny source is 64 wide with 1 head per tower.
-    source = LongCLIPModel.from_clip(tiny_clip(seed=5, processor=tiny_processor(), hidden_size=64, num_heads=1))
+    source = LongCLIPModel.from_clip(CLIPModel.from_pretrained(clip_dir))  # width 32, 4 heads per tower
     with torch.no_grad():  # trained rows differ from a plain stretch
-        source.text_model.embeddings.position_embedding.weight[20:] += 0.05 * torch.randn(228, 64)
+        source.text_model.embeddings.position_embedding.weight[20:] += 0.05 * torch.randn(228, 32)
         source.logit_scale.fill_(3.0)
     checkpoint = tmp_path / "longclip-tiny.pt"
     torch.save(_openai_layout(source), checkpoint)
     out = tmp_path / "converted"
-    assert main(["convert", "--checkpoint", str(checkpoint), "--output", str(out), "--processor-dir", str(clip_dir)]) == 0
+    # the files store no head counts; OpenAI's width // 64 rule cannot give the tiny towers' 4 heads
+    assert main(["convert", "--checkpoint", str(checkpoint), "--output", str(out), "--processor-dir", str(clip_dir)]) == 1
+    assert "(--text-heads / --vision-heads)" in capsys.readouterr().err
+    heads = ["--text-heads", "4", "--vision-heads", "4"]
+    assert main(["convert", "--checkpoint", str(checkpoint), "--output", str(out), "--processor-dir", str(clip_dir), *heads]) == 0
     assert str(out) in capsys.readouterr().out
     model = AutoModel.from_pretrained(out).eval()
     processor = AutoProcessor.from_pretrained(out)
@@ -188,7 +190,7 @@ def test_convert_original_checkpoint(clip_dir, inputs, tmp_path, capsys):
     torch.testing.assert_close(model.logit_scale, torch.tensor(3.0))
     # --base-processor takes a Hub id or a folder the same way
     again = tmp_path / "converted2"
-    assert main(["convert", "--checkpoint", str(checkpoint), "--output", str(again), "--base-processor", str(clip_dir)]) == 0
+    assert main(["convert", "--checkpoint", str(checkpoint), "--output", str(again), "--base-processor", str(clip_dir), *heads]) == 0
     assert AutoProcessor.from_pretrained(again).tokenizer.get_vocab() == processor.tokenizer.get_vocab()
 
 
