@@ -409,14 +409,17 @@ class FixCLIPModel(LongCLIPModel):
         key = (num_patches, dtype, str(device))
         mask = self._mask_cache.get(key)
         if mask is None:
-            mask = regional_attention_mask(
-                num_patches,
-                self.config.prompts_per_layer,
-                self.config.region_remainder,
-                dtype,
-                device,
-                self.config.isolate_patches_from_prompts,
-            )
+            # Built outside inference mode: a mask first made under `torch.inference_mode()` (evaluation) could not
+            # be saved for backward when training continues.
+            with torch.inference_mode(False), torch.no_grad():
+                mask = regional_attention_mask(
+                    num_patches,
+                    self.config.prompts_per_layer,
+                    self.config.region_remainder,
+                    dtype,
+                    device,
+                    self.config.isolate_patches_from_prompts,
+                )
             self._mask_cache[key] = mask
         return mask
 

@@ -377,6 +377,16 @@ def test_gradients_reach_prompts_mask_token_and_group_heads(clip_model, batch):
     assert position.weight.grad[: position.keep].abs().sum() == 0
 
 
+def test_training_after_inference_mode_evaluation(clip_model, batch):
+    """Evaluating under torch.inference_mode() (which the evaluation code uses) must not break later training."""
+    model = _fixclip(clip_model, num_groups=2, group_align_start=1)
+    with torch.inference_mode():
+        model.get_image_features(pixel_values=batch["pixel_values"])
+    model.train()
+    model(**batch, return_loss=True, mask_generator=0).loss.backward()
+    assert model.regional_prompts.prompts.grad.abs().sum() > 0
+
+
 def test_mask_token_starts_at_zero(clip_model):
     model = _fixclip(clip_model)
     assert torch.count_nonzero(model.mask_token) == 0
