@@ -79,6 +79,11 @@ def evaluate_heldout(model, processor, dataset, batch_size: int, device) -> dict
     return {k: v for k, v in result.items() if isinstance(v, (int, float)) and ("R@" in k or k.startswith("num_"))}
 
 
+def _median(values: list[float]) -> float | None:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2] if ordered else None
+
+
 def _to_device(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
@@ -229,6 +234,7 @@ def run(model_args, data_args, train_args) -> dict:
     stop_at = min(total_steps, train_args.stop_after_steps or total_steps)
     running: dict[str, float] = {}
     running_steps, window_samples, window_start = 0, 0, time.perf_counter()
+    step_seconds: list[float] = []  # data loading + forward + backward + optimiser, per step
     first_terms: dict[str, float] = {}
     last_terms: dict[str, float] = {}
     model.train()
@@ -249,6 +255,7 @@ def run(model_args, data_args, train_args) -> dict:
             batches = iter(loader)
         exhausted = False
         while state["global_step"] < stop_at:
+            step_start = time.perf_counter()
             micro = []
             for _ in range(accum):
                 batch = next(batches, None)
@@ -297,6 +304,7 @@ def run(model_args, data_args, train_args) -> dict:
                         terms[key] = terms.get(key, 0.0) + value / len(micro)
             scheduler.step()
             spec.after_step(unwrapped)
+            step_seconds.append(time.perf_counter() - step_start)
             state["global_step"] += 1
             samples = sum(b["pixel_values"].shape[0] for b in micro)
             state["samples_seen"] += samples * world
@@ -352,6 +360,9 @@ def run(model_args, data_args, train_args) -> dict:
         "last_loss_terms": last_terms,
         "skipped_samples": totals,
         "skipped_steps": state["skipped_steps"],
+        # the median step after the first (which includes warm-up work), and the throughput it gives
+        "seconds_per_step": _median(step_seconds[1:] or step_seconds),
+        "samples_per_second": per_device * world * accum / max(_median(step_seconds[1:] or step_seconds) or 0, 1e-9),
         "evaluations": evaluations,
         "output_dir": str(output_dir),
     }

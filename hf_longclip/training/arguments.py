@@ -84,8 +84,10 @@ class DataArguments:
         default="synthetic",
         metadata={"help": "ShareGPT4V JSON, JSONL/CSV/TSV file, a `datasets` id or folder, or 'synthetic'"},
     )
-    data_format: Literal["auto", "sharegpt4v", "jsonl", "csv", "hf", "synthetic"] = field(
-        default="auto", metadata={"help": "format of --train_data ('auto' guesses from the name and content)"}
+    data_format: Literal["auto", "sharegpt4v", "jsonl", "csv", "hf", "docci", "synthetic"] = field(
+        default="auto",
+        metadata={"help": "format of --train_data ('auto' guesses from the name and content; 'docci': the folder "
+                  "holding docci/ in the evaluation layout, train split)"},
     )
     image_root: str | None = field(default=None, metadata={"help": "folder that relative image paths start from"})
     image_column: str = field(default="image")
@@ -100,7 +102,9 @@ class DataArguments:
     eval_data: str | None = field(
         default=None, metadata={"help": "held-out pairs (JSONL/CSV/ShareGPT4V) for long-caption retrieval R@k"}
     )
-    eval_format: Literal["auto", "sharegpt4v", "jsonl", "csv"] = field(default="auto")
+    eval_format: Literal["auto", "sharegpt4v", "jsonl", "csv", "docci"] = field(
+        default="auto", metadata={"help": "format of --eval_data ('docci': the DOCCI test split)"}
+    )
     eval_split: Literal["all", "holdout"] = field(
         default="all", metadata={"help": "'holdout' evaluates on the held-out head of a ShareGPT4V file"}
     )

@@ -45,6 +45,8 @@ def training_records(data_args: DataArguments, output_dir: str | os.PathLike):
     if data_args.data_format == "synthetic" or (data_args.data_format == "auto" and data_args.train_data == "synthetic"):
         path, fmt = str(synthetic_paths(data_args, output_dir)["train"]), "jsonl"
         image_root = None
+    elif data_args.data_format == "docci":
+        return _head(docci_records(data_args.train_data, "train"), data_args.max_train_samples)
     else:
         path, fmt, image_root = data_args.train_data, data_args.data_format, data_args.image_root
     spec = TrainingSourceSpec(
@@ -58,10 +60,18 @@ def training_records(data_args: DataArguments, output_dir: str | os.PathLike):
         caption_column=data_args.caption_column,
         short_caption_column=data_args.short_caption_column,
     )
-    records = open_training_source(spec)
-    if data_args.max_train_samples is not None:
-        records = _head(records, data_args.max_train_samples)
-    return records
+    return _head(open_training_source(spec), data_args.max_train_samples)
+
+
+def docci_records(data_root: str | os.PathLike, split: str) -> list[dict[str, Any]]:
+    """DOCCI pairs of one split, from the evaluation layout (``<data_root>/docci/docci_descriptions.jsonlines``)."""
+    from ..evaluation.readers import read_docci
+
+    pairs = read_docci(data_root, split=split)
+    return [
+        {"image": str(path), "caption": text, "short_caption": None, "id": f"docci-{split}-{i}"}
+        for i, (path, text) in enumerate(zip(pairs.image_paths, pairs.texts))
+    ]
 
 
 def _source_kind(path: str, fmt: str) -> str:
@@ -70,7 +80,9 @@ def _source_kind(path: str, fmt: str) -> str:
     return detect_format(path) if fmt == "auto" else fmt
 
 
-def _head(records, count: int):
+def _head(records, count: int | None):
+    if count is None:
+        return records
     if isinstance(records, list):
         return records[:count]
     if hasattr(records, "select") and hasattr(records, "__len__"):
@@ -107,7 +119,9 @@ def add_caption_hierarchies(records, data_args: DataArguments, cache_dir: str | 
 
 def eval_records(data_args: DataArguments, output_dir: str | os.PathLike) -> list[dict[str, Any]] | None:
     """Held-out (image, long caption) pairs for retrieval R@k, or None when there are none."""
-    if data_args.eval_data:
+    if data_args.eval_data and data_args.eval_format == "docci":
+        records = docci_records(data_args.eval_data, "test")
+    elif data_args.eval_data:
         spec = TrainingSourceSpec(
             path=data_args.eval_data,
             format=data_args.eval_format,
@@ -224,7 +238,7 @@ class SeededCollator:
         if hasattr(self.collator, "rng"):
             import random
 
-            ids = "\x00".join(str(getattr(e, "get", lambda k: None)("id")) for e in examples)
+            ids = "\x00".join(str(e.get("id")) for e in examples)
             digest = hashlib.blake2b(f"{self.seed}|{self.epoch}|{ids}".encode("utf-8"), digest_size=8).digest()
             self.collator.rng = random.Random(int.from_bytes(digest, "little"))
         return self.collator(examples)
