@@ -23,8 +23,18 @@ from typing import Any
 import yaml
 from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData
 
-#: Where the card templates live: ``$HF_LONGCLIP_CARD_TEMPLATES`` or ``model_cards/`` at the repository root.
-DEFAULT_TEMPLATE_DIR = Path(os.environ.get("HF_LONGCLIP_CARD_TEMPLATES", Path(__file__).resolve().parents[1] / "model_cards"))
+def _template_dir() -> Path:
+    """``$HF_LONGCLIP_CARD_TEMPLATES``, else the templates shipped in the wheel (``hf_longclip/model_cards/``),
+    else ``model_cards/`` at the top of a source checkout (editable installs)."""
+    if os.environ.get("HF_LONGCLIP_CARD_TEMPLATES"):
+        return Path(os.environ["HF_LONGCLIP_CARD_TEMPLATES"])
+    here = Path(__file__).resolve().parent
+    shipped = here / "model_cards"
+    return shipped if (shipped / "base.md").is_file() else here.parent / "model_cards"
+
+
+#: Where the card templates live (see `_template_dir`).
+DEFAULT_TEMPLATE_DIR = _template_dir()
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "longclip": {
