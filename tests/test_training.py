@@ -221,3 +221,24 @@ def test_concat_features_pads_trailing_dims():
     assert set(merged) == {"q", "m"} and merged["q"].shape == (3, 5, 4)
     assert merged["m"].tolist() == [[True] * 3 + [False] * 2] * 2 + [[True] * 5]
     assert shapes == [{"q": (2, 3, 4), "m": (2, 3)}, {"q": (1, 5, 4), "m": (1, 5)}]
+
+
+def test_every_recipe_parses():
+    from pathlib import Path
+
+    recipes = sorted((Path(__file__).resolve().parents[1] / "training_scripts" / "configs").glob("*.yaml"))
+    assert len(recipes) >= 7
+    for recipe in recipes:
+        model_args, data_args, train_args = parse_training_arguments(["--config", str(recipe)])
+        assert model_args.variant in recipe.name or recipe.name == "quickstart.yaml"
+        data_args.collator_overrides(), model_args.model_config_overrides()
+
+
+def test_collator_config_reaches_the_collator():
+    from hf_longclip.training.variants import make_collator, variant_spec
+
+    _, data_args, _ = parse_training_arguments(["--collator_config", '{"max_phrases": 3, "num_sentences": 2}'])
+    collator = make_collator(variant_spec("betaclip"), tiny_processor(), None, 0, data_args.collator_overrides())
+    assert collator.max_phrases == 3 and collator.num_sentences == 2
+    with pytest.raises(ValueError, match="does not fit the longclip collator"):
+        make_collator(variant_spec("longclip"), tiny_processor(), None, 0, {"max_phrases": 3})

@@ -44,7 +44,7 @@ from hf_longclip.training.data import (
     training_records,
 )
 from hf_longclip.training.optim import build_scheduler, parameter_groups, schedules_for_groups
-from hf_longclip.training.variants import build_model_and_processor, variant_spec
+from hf_longclip.training.variants import build_model_and_processor, make_collator, variant_spec
 
 logger = logging.getLogger("hf_longclip.train")
 
@@ -136,7 +136,9 @@ def run(model_args, data_args, train_args) -> dict:
         dataset = IterableLongCaptionDataset(records, transform, rank=rank, world_size=world, **common)
     else:
         dataset = LongCaptionDataset(records, transform, seed=train_args.seed, **common)
-    collator = SeededCollator(spec.make_collator(processor, model, train_args.seed), train_args.seed)
+    collator = SeededCollator(
+        make_collator(spec, processor, model, train_args.seed, data_args.collator_overrides()), train_args.seed
+    )
     batch_collator = SkipCountingCollator(collator)
 
     accum = train_args.gradient_accumulation_steps

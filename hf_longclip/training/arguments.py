@@ -53,15 +53,7 @@ class ModelArguments:
     tiny_patch_size: int = field(default=8, metadata={"help": f"patch size of '{TINY_BASE}'"})
 
     def model_config_overrides(self) -> dict[str, Any]:
-        if not self.model_config:
-            return {}
-        try:
-            value = json.loads(self.model_config)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"model_config is not valid JSON: {error}") from error
-        if not isinstance(value, dict):
-            raise ValueError(f"model_config must be a JSON object, got {type(value).__name__}")
-        return value
+        return _json_object("model_config", self.model_config)
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
@@ -122,6 +114,14 @@ class DataArguments:
         default=None, metadata={"help": "beta-CLIP: where parsed caption hierarchies are cached (default: output_dir)"}
     )
     text_num_proc: int = field(default=1, metadata={"help": "beta-CLIP: processes for the one-off spaCy parse"})
+    collator_config: str | None = field(
+        default=None,
+        metadata={"help": "JSON object of collator arguments, e.g. beta-CLIP '{\"num_sentences\": 5, \"max_phrases\": "
+                  "30, \"caption_mode\": \"full\"}' or MulCLIP '{\"max_subcaptions\": 8}' (YAML: a mapping)"},
+    )
+
+    def collator_overrides(self) -> dict[str, Any]:
+        return _json_object("collator_config", self.collator_config)
 
     def __post_init__(self):
         _positive("holdout", self.holdout, allow_zero=True)
@@ -131,6 +131,7 @@ class DataArguments:
         _positive("num_workers", self.num_workers, allow_zero=True)
         _positive("max_image_pixels", self.max_image_pixels)
         _positive("text_num_proc", self.text_num_proc)
+        self.collator_overrides()
         if self.max_train_samples is not None:
             _positive("max_train_samples", self.max_train_samples)
         if self.max_eval_samples is not None:
@@ -237,6 +238,18 @@ class TrainingArguments:
         return names
 
 
+def _json_object(name: str, text: str | None) -> dict[str, Any]:
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{name} is not valid JSON: {error}") from error
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
 def _positive(name: str, value, allow_zero: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else ">= 1"
@@ -275,8 +288,9 @@ def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
     unknown = sorted(set(flat) - set(known))
     if unknown:
         raise ValueError(f"recipe {path}: unknown setting(s) {unknown}; valid settings: {sorted(known)}")
-    if isinstance(flat.get("model_config"), dict):
-        flat["model_config"] = json.dumps(flat["model_config"])
+    for key in ("model_config", "collator_config"):
+        if isinstance(flat.get(key), dict):
+            flat[key] = json.dumps(flat[key])
     return flat
 
 

@@ -46,7 +46,7 @@ class VariantSpec:
 
     name: str
     model_class: type
-    make_collator: Callable[[LongCLIPProcessor, Any, int], Callable]
+    make_collator: Callable[..., Callable]  # (processor, model, seed, **collator_config) -> collator
     default_transform: str = "eval"
     step_kwargs: Callable[[Any, int, int], dict[str, Any]] = _no_step_kwargs
     after_step: Callable[[Any], None] = _no_after_step
@@ -54,23 +54,36 @@ class VariantSpec:
 
 
 VARIANT_SPECS: dict[str, VariantSpec] = {
-    "longclip": VariantSpec("longclip", LongCLIPModel, lambda processor, model, seed: LongCLIPCollator(processor)),
+    "longclip": VariantSpec(
+        "longclip", LongCLIPModel, lambda processor, model, seed, **kw: LongCLIPCollator(processor, **kw)
+    ),
     "finelip": VariantSpec(
-        "finelip", FineLIPModel, lambda processor, model, seed: FineLIPCollator(processor),
+        "finelip", FineLIPModel, lambda processor, model, seed, **kw: FineLIPCollator(processor, **kw),
         step_kwargs=_finelip_step_kwargs,
     ),
     # Patch masks are drawn inside the model from torch's RNG, which the trainer seeds per step.
-    "fixclip": VariantSpec("fixclip", FixCLIPModel, lambda processor, model, seed: FixCLIPCollator(processor)),
+    "fixclip": VariantSpec(
+        "fixclip", FixCLIPModel, lambda processor, model, seed, **kw: FixCLIPCollator(processor, **kw)
+    ),
     "mulclip": VariantSpec(
-        "mulclip", MulCLIPModel, lambda processor, model, seed: MulCLIPCollator(processor, seed=seed)
+        "mulclip", MulCLIPModel, lambda processor, model, seed, **kw: MulCLIPCollator(processor, seed=seed, **kw)
     ),
     "betaclip": VariantSpec(
-        "betaclip", BetaCLIPModel, lambda processor, model, seed: BetaCLIPCollator(processor, seed=seed),
+        "betaclip", BetaCLIPModel,
+        lambda processor, model, seed, **kw: BetaCLIPCollator(processor, seed=seed, **kw),
         default_transform="random_resized_crop",
         after_step=_clamp_logit_scales,
         record_fields=HIERARCHY_FIELDS,
     ),
 }
+
+
+def make_collator(spec: VariantSpec, processor, model, seed: int, collator_config: dict[str, Any]):
+    """The variant's collator with the recipe's `collator_config` arguments (a clear error for unknown ones)."""
+    try:
+        return spec.make_collator(processor, model, seed, **collator_config)
+    except TypeError as error:
+        raise ValueError(f"collator_config {collator_config} does not fit the {spec.name} collator: {error}") from None
 
 
 def variant_spec(name: str) -> VariantSpec:
@@ -162,4 +175,11 @@ def enable_text_checkpointing(model) -> None:
             module.gradient_checkpointing = False
 
 
-__all__ = ["VARIANT_SPECS", "VariantSpec", "build_model_and_processor", "enable_text_checkpointing", "variant_spec"]
+__all__ = [
+    "VARIANT_SPECS",
+    "VariantSpec",
+    "build_model_and_processor",
+    "enable_text_checkpointing",
+    "make_collator",
+    "variant_spec",
+]
