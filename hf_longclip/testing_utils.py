@@ -85,6 +85,20 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _run_then_leave_group(function, *args) -> None:
+    """Worker body: run `function`, then leave the process group cleanly.
+
+    A worker that exits while its gloo process group is alive can die in C++ ("terminate called without an active
+    exception", SIGABRT) when the group's threads are torn down at interpreter exit.
+    """
+    import torch.distributed as dist
+
+    function(*args)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def spawn_distributed(function, args: tuple = (), num_processes: int = 2) -> None:
     """Run ``function(*args)`` in ``num_processes`` CPU processes joined in a gloo process group (accelerate's
     environment variables set, so ``Accelerator(cpu=True)`` inside sees the group).
@@ -94,6 +108,7 @@ def spawn_distributed(function, args: tuple = (), num_processes: int = 2) -> Non
     port 29500 collides with concurrent runs. ``function`` must be importable (a module-level function); spawned
     workers re-import its module with the parent's ``sys.path``.
     """
+    import functools
     import os
     import tempfile
 
@@ -111,4 +126,5 @@ def spawn_distributed(function, args: tuple = (), num_processes: int = 2) -> Non
         gloo_socket_ifname="lo",
         omp_num_threads="1",
     ):
-        start_processes(PrepareForLaunch(function, debug=True), args=args, nprocs=num_processes, start_method="spawn")
+        worker = functools.partial(_run_then_leave_group, function)
+        start_processes(PrepareForLaunch(worker, debug=True), args=args, nprocs=num_processes, start_method="spawn")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from collections.abc import Mapping
 from typing import Any, Union
 
@@ -28,6 +29,9 @@ BAD_IMAGE_REASONS = ("missing", "empty", "corrupt", "too_large", "too_small")
 ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, Mapping[str, Any], Image.Image]
 
 
+_OBJECT_ADDRESS = re.compile(r"<([\w.]+) object at 0x[0-9a-fA-F]+>")
+
+
 class BadImageError(ValueError):
     """An image that cannot be used for training.
 
@@ -38,6 +42,9 @@ class BadImageError(ValueError):
     """
 
     def __init__(self, reason: str, detail: str = ""):
+        # Decoder messages name in-memory buffers by address ("<_io.BytesIO object at 0x7f...>"): drop the address
+        # so the same bad sample always gives the same message.
+        detail = _OBJECT_ADDRESS.sub(r"<\1>", detail)
         if reason not in BAD_IMAGE_REASONS:
             raise ValueError(f"unknown bad-image reason {reason!r}; expected one of {BAD_IMAGE_REASONS}")
         self.reason = reason
