@@ -461,6 +461,10 @@ class LongCLIPModel(CLIPModel):
             if getattr(source_config, "model_type", None) == LongCLIPConfig.model_type:
                 return cls.from_pretrained(clip, **kwargs)
             clip = CLIPModel.from_pretrained(clip, **kwargs)
+        elif kwargs:  # loading options mean nothing for a model object: most likely a misspelt config field
+            raise TypeError(
+                f"from_clip got unexpected keyword arguments {sorted(kwargs)} (not {cls.config_class.__name__} fields)"
+            )
         if not isinstance(clip, CLIPModel):
             raise TypeError(f"from_clip expects a CLIPModel, a Hub id or a folder, got {type(clip).__name__}")
         source_state = clip.state_dict()

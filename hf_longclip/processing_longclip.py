@@ -39,6 +39,8 @@ class LongCLIPProcessor(CLIPProcessor):
     ) -> LongCLIPProcessor:
         """Build from a stock CLIP's tokenizer and image processor (Hub id or folder), at `max_length` tokens."""
         tokenizer = CLIPTokenizer.from_pretrained(clip, **kwargs)
+        if len(tokenizer) <= 2:  # transformers builds a 2-token tokenizer, without an error, from a folder with none
+            raise OSError(f"{clip!r} holds no CLIP tokenizer files (vocab.json + merges.txt, or tokenizer.json)")
         image_processor = CLIPImageProcessorPil.from_pretrained(clip, **kwargs)
         return cls.from_parts(image_processor, tokenizer, max_length)
 

@@ -14,7 +14,7 @@ from transformers import AutoModel, AutoProcessor, CLIPModel, CLIPTextModel, CLI
 
 from hf_longclip import LongCLIPConfig, LongCLIPModel, LongCLIPProcessor, stretch_position_embeddings
 from hf_longclip.losses import local_contrastive_loss, pca_reconstruct
-from hf_longclip.testing_utils import tiny_clip_config
+from hf_longclip.testing_utils import tiny_clip, tiny_clip_config
 
 
 def _ids(processor, texts):
@@ -349,3 +349,18 @@ def test_processor_images_and_type_errors(processor):
         processor(text=["fine", 3])
     with pytest.raises(TypeError, match="index 0"):
         processor(text=[None])
+
+
+def test_from_clip_rejects_unknown_keywords_for_a_model_object():
+    with pytest.raises(TypeError, match="pca_component"):
+        LongCLIPModel.from_clip(tiny_clip(seed=0), pca_component=16)  # misspelt pca_components
+    assert LongCLIPModel.from_clip(tiny_clip(seed=0), pca_components=16).config.pca_components == 16
+
+
+def test_processor_from_a_folder_without_tokenizer_files_is_an_error(tmp_path):
+    from transformers import CLIPImageProcessorPil
+
+    tiny_clip(seed=0).save_pretrained(tmp_path)
+    CLIPImageProcessorPil().save_pretrained(tmp_path)
+    with pytest.raises(OSError, match="no CLIP tokenizer files"):
+        LongCLIPProcessor.from_clip(tmp_path)
