@@ -46,13 +46,14 @@ class FixCLIPConfig(LongCLIPConfig):
         prompt_layers (`list[int]`, *optional*):
             0-based indices of the image-encoder layers that receive fresh prompts. UNKNOWN; None means every layer.
             An empty list is rejected (use ``regional_prompts=False``).
-        prompt_depth_mode (`str`, *optional*, defaults to `"replace"`):
-            How a prompted layer treats the previous layer's prompt outputs. ``"replace"`` (VPT-deep, the reading of
-            the public summary: "fresh parameters per layer") discards them and inserts the new prompts;
-            ``"add"`` adds the new prompts to them, so what a prompt gathered from its region reaches the next layer's
-            CLS. Note: with ``"replace"`` and every layer prompted, a prompt's own attention output is never read, so
-            only the CLS -> prompt part of the mask changes the result. Layers after the first prompted one that are
-            not in ``prompt_layers`` carry the prompt outputs through unchanged in both modes.
+        prompt_depth_mode (`str`, *optional*, defaults to `"add"`):
+            How a prompted layer treats the previous layer's prompt outputs (UNKNOWN in the public text). ``"add"``
+            adds the layer's fresh prompts to them, so what each prompt gathered from its region reaches the next
+            layer's CLS: the only reading under which the paper's "prompt j sees its region" mask changes anything
+            when every layer is prompted. ``"replace"`` (VPT-deep) discards them and inserts the new prompts; then a
+            prompt's own attention output is never read and only the CLS -> prompt part of the mask matters.
+            Layers after the first prompted one that are not in ``prompt_layers`` carry the prompt outputs through
+            unchanged in both modes.
         isolate_patches_from_prompts (`bool`, *optional*, defaults to `False`):
             Not in the paper. The stated mask lets patches attend to CLS, and CLS reads the prompts, so from the layer
             after the first prompted one on, patch tokens depend on the prompts *through CLS*. True adds a second,
@@ -108,7 +109,7 @@ class FixCLIPConfig(LongCLIPConfig):
     regional_prompts: bool = True
     num_regional_prompts: int | None = None
     prompt_layers: list[int] | None = None
-    prompt_depth_mode: str = "replace"
+    prompt_depth_mode: str = "add"
     isolate_patches_from_prompts: bool = False
     prompt_init_std: float | int = 0.02
     region_remainder: str = "none"

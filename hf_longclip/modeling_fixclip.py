@@ -7,8 +7,9 @@ Fix-CLIP (Wang et al., ICCV 2025) fine-tunes a Long-CLIP-stretched CLIP with thr
 2. **Regional prompts.** ``M`` learnable tokens, fresh per prompted image-encoder layer, appended after the patch
    tokens. A one-way attention mask lets CLS see everything, patches see CLS and patches only, and prompt ``j`` see
    itself and its region (a contiguous run of ``floor(N / M)`` patches). The mask is an additive float mask handed to
-   transformers' own ``CLIPEncoderLayer`` (so the SDPA and eager kernels both apply it). Patch tokens never see
-   prompts, so only CLS depends on them, and the prompts stay in the tower at inference.
+   transformers' own ``CLIPEncoderLayer`` (so the SDPA and eager kernels both apply it). Within a layer patch tokens
+   never see prompts; across layers they see them through CLS (``isolate_patches_from_prompts`` removes that). The
+   prompts stay in the tower at inference.
 3. **Hierarchical alignment.** The per-layer CLS (image) and EOT (text) tokens are split into ``G`` groups of
    consecutive layers, Gaussian-weighted inside each group (Group Token Aggregation), projected by a Linear +
    LayerNorm head per group and modality (Group Middle Features) and contrasted for groups ``K..G``.
