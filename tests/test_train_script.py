@@ -85,41 +85,54 @@ def _first_loss(run_dir: Path, variant: str) -> float:
 
 
 # ----------------------------------------------------------------------------------------------- distributed
-def _distributed_flags(out_dir, per_device, accum, mode="cached"):
-    return [
-        "--config", QUICKSTART, *TINY, "--output_dir", out_dir, "--image_root", Path(out_dir).parent / "data",
-        "--synthetic_num_train", 64, "--synthetic_num_eval", 0, "--per_device_train_batch_size", per_device,
-        "--gradient_accumulation_steps", accum, "--accumulation_mode", mode, "--max_steps", 3, "--save_steps", 0,
-        "--model_config", '{"pca_components": 4, "pca_scope": "global"}', "--eval_before_training", "false",
-        "--logging_steps", 1,
+def _distributed_flags(out_dir, variant, per_device, accum):
+    flags = [
+        "--config", QUICKSTART, *TINY, "--variant", variant, "--output_dir", out_dir,
+        "--image_root", Path(out_dir).parent / "data", "--synthetic_num_train", 64, "--synthetic_num_eval", 0,
+        "--per_device_train_batch_size", per_device, "--gradient_accumulation_steps", accum, "--max_steps", 3,
+        "--save_steps", 0, "--eval_before_training", "false", "--logging_steps", 1,
     ]
+    if variant == "longclip":
+        flags += ["--model_config", '{"pca_components": 4, "pca_scope": "global"}']
+    else:  # FineLIP's logit_scale gets no gradient without the global term: DDP must allow unused parameters
+        flags += ["--model_config", '{"hinge_warmup": false}', "--head_learning_rate", "1e-3"]
+    return flags
 
 
-def _distributed_worker(out_dir):
-    train(*_distributed_flags(out_dir, per_device=2, accum=2))
+def _distributed_worker(out_dir, variant, per_device, accum):
+    train(*_distributed_flags(out_dir, variant, per_device, accum))
 
 
-def test_two_processes_give_the_same_loss_and_weights_as_one(tmp_path):
-    """2 processes x 2 samples x 2 cached micro-batches == 1 process x 8 samples: same losses, same weights."""
+@pytest.mark.parametrize(
+    "variant, per_device, accum",
+    [("longclip", 2, 2), ("finelip", 4, 1)],
+    ids=["longclip-cached-accumulation", "finelip-plain-ddp"],
+)
+def test_two_processes_give_the_same_loss_and_weights_as_one(tmp_path, variant, per_device, accum):
+    """2 processes x `per_device` samples x `accum` cached micro-batches == 1 process x 8 samples: same losses,
+    same weights (Long-CLIP through the cached accumulation, FineLIP through plain DDP)."""
     one = tmp_path / "one"
-    single = train(*_distributed_flags(one, per_device=8, accum=1))
+    single = train(*_distributed_flags(one, variant, per_device=8, accum=1))
     two = tmp_path / "two"
-    spawn_distributed(_distributed_worker, args=(str(two),))
+    spawn_distributed(_distributed_worker, args=(str(two), variant, per_device, accum))
     multi = json.loads((two / "train_summary.json").read_text())
     assert multi["global_step"] == single["global_step"] == 3
     for key, value in single["last_loss_terms"].items():
         assert multi["last_loss_terms"][key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
     a, b = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
     assert a.keys() == b.keys()
-    bad = {}
-    for key in a:
-        # Attention key biases cannot change the softmax: their true gradient is 0 and Adam turns the float noise
-        # there into full-size steps of random sign, so they are not comparable between any two runs.
-        if key.endswith("k_proj.bias"):
-            continue
-        if not torch.allclose(b[key], a[key], rtol=1e-4, atol=1e-6):
-            bad[key] = (b[key] - a[key]).abs().max().item()
+    # Parameters whose true gradient is exactly 0 -- attention key biases (a softmax ignores a constant shift) and
+    # FineLIP's aggregation output bias (the softmax over tokens cancels it) -- get float noise as gradient, which
+    # Adam turns into full-size steps of random sign: no two runs share them. Everything else must match.
+    zero_gradient = ("k_proj.bias", "aggregation.fc2.bias")
+    bad = {
+        k: (b[k] - a[k]).abs().max().item()
+        for k in a
+        if not k.endswith(zero_gradient) and not torch.allclose(b[k], a[k], rtol=1e-4, atol=1e-6)
+    }
     assert not bad, bad
+    assert len(a) - sum(k.endswith(zero_gradient) for k in a) > 30
+
 
 
 # ----------------------------------------------------------------------------------------------- resume

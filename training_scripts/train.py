@@ -91,7 +91,7 @@ def _to_device(batch: dict, device) -> dict:
 def run(model_args, data_args, train_args) -> dict:
     """Train as the settings say; returns a summary (steps, final loss terms, evaluations, skip counts, paths)."""
     from accelerate import Accelerator
-    from accelerate.utils import DistributedType
+    from accelerate.utils import DistributedDataParallelKwargs, DistributedType
 
     output_dir = Path(train_args.output_dir)
     cached = train_args.accumulation_mode == "cached" and train_args.gradient_accumulation_steps > 1
@@ -100,6 +100,9 @@ def run(model_args, data_args, train_args) -> dict:
         gradient_accumulation_steps=1 if cached else train_args.gradient_accumulation_steps,
         log_with=train_args.trackers or None,
         project_dir=str(output_dir),
+        # Some parameters get no gradient in some configurations (FineLIP's logit_scale without its global term,
+        # Fix-CLIP's unused branches, ...); DDP must not wait for them (the authors set the same flag).
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     if not accelerator.is_main_process:
@@ -419,4 +422,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except ValueError as error:  # bad settings or data found after parsing: one line, no traceback
+        raise SystemExit(f"error: {error}") from None
