@@ -69,7 +69,7 @@ def build(args):
         return saved["special"], saved["batch"]
     from hf_longclip.data import BetaCLIPCollator
     from hf_longclip.data.tokenizer import build_clip_tokenizer
-    from hf_longclip.processing_longclip import LongCLIPProcessor
+    from hf_longclip.models.processing_longclip import LongCLIPProcessor
     from hf_longclip.text import parse_hierarchies
     from transformers import CLIPImageProcessorPil
 

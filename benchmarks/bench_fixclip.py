@@ -38,7 +38,6 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
@@ -87,7 +86,7 @@ def build_batch(args, image_size: int):
 
     from hf_longclip.data import FixCLIPCollator
     from hf_longclip.data.tokenizer import build_clip_tokenizer
-    from hf_longclip.processing_longclip import LongCLIPProcessor
+    from hf_longclip.models.processing_longclip import LongCLIPProcessor
 
     rng = random.Random(0)
     captions = [synthetic_caption(rng, rng.randint(5, 8)) for _ in range(args.batch)]

@@ -64,7 +64,7 @@ def build_batch(args):
 
     from hf_longclip.data import MulCLIPCollator
     from hf_longclip.data.tokenizer import build_clip_tokenizer
-    from hf_longclip.processing_longclip import LongCLIPProcessor
+    from hf_longclip.models.processing_longclip import LongCLIPProcessor
 
     rng = random.Random(0)
     captions = [synthetic_caption(rng, rng.randint(args.min_sentences, args.max_sentences)) for _ in range(args.batch)]

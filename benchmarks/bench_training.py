@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-VARIANTS = ("longclip", "finelip", "fixclip", "mulclip", "betaclip")
+from hf_longclip.variants import VARIANTS  # noqa: E402
 
 #: Runs in the child: train, then report the summary and the peak RSS as one JSON line.
 CHILD = """
@@ -107,9 +107,6 @@ def bench_variants(args) -> None:
         make_base_model(tmp / "base", args.tiny)
         size = 64 if args.tiny else 224
         table = make_pairs(tmp / "data", args.batch_size * (args.steps + 1), size)
-        head_config = {
-            "fixclip": '{"num_groups": 2, "group_align_start": 1}' if args.tiny else None,
-        }
         rows = []
         for variant in args.variants:
             flags = ["--variant", variant, "--base", str(tmp / "base"), "--train_data", str(table),
@@ -117,8 +114,8 @@ def bench_variants(args) -> None:
                      "--max_steps", str(args.steps), "--save_steps", "0", "--save_final_model", "false",
                      "--num_workers", str(args.workers), "--mixed_precision", "no", "--disable_progress_bar", "true",
                      "--logging_steps", "1", "--eval_before_training", "false", "--transform", "eval"]
-            if head_config.get(variant):
-                flags += ["--model_config", head_config[variant]]
+            if args.tiny and VARIANTS[variant].tiny_config:  # 2-layer towers: e.g. Fix-CLIP's groups must divide them
+                flags += ["--model_config", json.dumps(dict(VARIANTS[variant].tiny_config))]
             start = time.perf_counter()
             result = run_child(flags)
             summary = result["summary"]

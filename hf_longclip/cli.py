@@ -45,14 +45,11 @@ def _load_model_and_processor(source: str, revision: str | None, trust_remote_co
 
 
 # ----------------------------------------------------------------------------------------------- shared checks
-#: ``--variant`` name -> model class name in hf_longclip.
-VARIANT_CLASSES = {
-    "longclip": "LongCLIPModel",
-    "finelip": "FineLIPModel",
-    "fixclip": "FixCLIPModel",
-    "mulclip": "MulCLIPModel",
-    "betaclip": "BetaCLIPModel",
-}
+def _variant_names() -> list[str]:
+    """The registered variants (``--variant`` choices; model types the commands accept)."""
+    from .variants import VARIANTS
+
+    return list(VARIANTS)
 
 
 def _config_dict(source: str, what: str, revision: str | None = None) -> dict:
@@ -77,7 +74,7 @@ def _looks_local(source: str) -> bool:
 
 def _load_processor(source: str, max_length: int, revision: str | None = None):
     """A `LongCLIPProcessor` from the CLIP tokenizer + image processor of `source`, at `max_length` tokens."""
-    from .processing_longclip import LongCLIPProcessor
+    from .models.processing_longclip import LongCLIPProcessor
 
     if _looks_local(source) and not Path(source).is_dir():
         raise CommandError(f"processor source {source!r} is not a folder")
@@ -202,11 +199,11 @@ def _add_stretch(subparsers) -> None:
         help="build an untrained variant model (248 text positions) from a stock CLIP and save it with its processor",
         description="Stretches the stock CLIP's text position table (Long-CLIP's knowledge-preserving stretch: rows "
         "< --keep copied, each later row interpolated into --ratio rows) and adds the variant's freshly initialised "
-        "heads. Variants: " + ", ".join(VARIANT_CLASSES) + ".",
+        "heads. Variants: " + ", ".join(_variant_names()) + ".",
     )
     p.add_argument("--base", required=True, help="a stock CLIP checkpoint: Hub id (openai/clip-vit-base-patch16) or folder")
     p.add_argument("--output", required=True, help="output folder")
-    p.add_argument("--variant", default="longclip", help="one of: " + ", ".join(VARIANT_CLASSES) + " (default longclip)")
+    p.add_argument("--variant", default="longclip", help="one of: " + ", ".join(_variant_names()) + " (default longclip)")
     p.add_argument("--keep", type=int, default=20, help="leading position rows copied unchanged and frozen (default 20)")
     p.add_argument("--ratio", type=int, default=4, help="rows made from each later source row (default 4: 77 -> 248)")
     p.add_argument("--processor", default=None, help="tokenizer / image processor source (default: --base)")
@@ -220,10 +217,11 @@ def _add_stretch(subparsers) -> None:
     p.set_defaults(handler=_run_stretch)
 
 
-def _config_fields(pairs: list[str], config_class) -> dict:
-    """``FIELD=VALUE`` strings -> keyword arguments, checked against the variant config's fields."""
+def _config_fields(pairs: list[str], model_class) -> dict:
+    """``FIELD=VALUE`` strings -> keyword arguments, checked against the fields the variant's `from_clip` takes."""
     fields = {}
-    known = set(getattr(config_class, "__dataclass_fields__", {})) - {"text_config", "vision_config"}
+    config_class = model_class.config_class
+    known = set(model_class.variant_config_fields())
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         if not sep or not key:
@@ -241,17 +239,18 @@ def _run_stretch(args) -> int:
     import hf_longclip
     from transformers import CLIPModel
 
-    from .configuration_longclip import validate_stretch
+    from .models.configuration_longclip import validate_stretch
 
-    if args.variant not in VARIANT_CLASSES:
-        raise CommandError(f"unknown variant {args.variant!r}; choose from {', '.join(VARIANT_CLASSES)}")
-    cls = getattr(hf_longclip, VARIANT_CLASSES[args.variant])
-    fields = _config_fields(args.set, cls.config_class)
+    try:
+        cls = hf_longclip.get_variant(args.variant).model_class
+    except ValueError as error:
+        raise CommandError(str(error)) from None
+    fields = _config_fields(args.set, cls)
     config = _config_dict(args.base, "--base", args.revision)
     model_type = config.get("model_type")
     if model_type != "clip":
         kind = f"a {model_type!r} model" if model_type else "not a transformers model (no model_type)"
-        hint = " (already long: fine-tune or export it instead)" if model_type in VARIANT_CLASSES else ""
+        hint = " (already long: fine-tune or export it instead)" if model_type in _variant_names() else ""
         raise CommandError(f"--base {args.base!r} is {kind}{hint}; stretch takes a stock CLIP checkpoint (model_type 'clip')")
     source_rows = config.get("text_config", {}).get("max_position_embeddings", 77)
     try:
@@ -307,16 +306,16 @@ def _add_export(subparsers) -> None:
 
 
 def _run_export(args) -> int:
-    from .modeling_longclip import LongCLIPModel
+    from .models.modeling_longclip import LongCLIPModel
 
     if args.format not in EXPORT_FORMATS:
         raise CommandError(f"unknown format {args.format!r}; choose from {', '.join(EXPORT_FORMATS)}")
     model_type = _config_dict(args.model, "--model", args.revision).get("model_type")
-    if model_type not in VARIANT_CLASSES:
+    if model_type not in _variant_names():
         hint = " (stretch it first: hf-longclip stretch --base ...)" if model_type == "clip" else ""
         raise CommandError(
             f"--model {args.model!r} is not an hf_longclip model (model_type {model_type!r}){hint}; expected one of "
-            f"{', '.join(VARIANT_CLASSES)}"
+            f"{', '.join(_variant_names())}"
         )
     try:
         model, processor = _load_model_and_processor(args.model, args.revision, args.trust_remote_code)

@@ -16,8 +16,8 @@ import re
 
 import torch
 
-from .configuration_longclip import CLIP_CONTEXT_LENGTH, LongCLIPConfig, validate_stretch
-from .modeling_longclip import LongCLIPModel
+from .models.configuration_longclip import CLIP_CONTEXT_LENGTH, LongCLIPConfig, validate_stretch
+from .models.modeling_longclip import LongCLIPModel
 
 # OpenAI per-block names -> transformers CLIPEncoderLayer names (q/k/v are split separately).
 _BLOCK_RENAMES = {

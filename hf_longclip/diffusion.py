@@ -53,8 +53,8 @@ from transformers import (
     PreTrainedConfig,
 )
 
-from .configuration_longclip import CLIP_CONTEXT_LENGTH, validate_stretch
-from .modeling_longclip import LongCLIPModel, stretch_position_embeddings
+from .models.configuration_longclip import CLIP_CONTEXT_LENGTH, validate_stretch
+from .models.modeling_longclip import LongCLIPModel, stretch_position_embeddings
 
 PAD_CHOICES = ("longclip", "eos", "base")
 HIDDEN_STATE_CHOICES = (None, "last", "penultimate")

@@ -18,10 +18,11 @@ import os
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import yaml
 from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData
+
+from .variants import get_variant
 
 def _template_dir() -> Path:
     """``$HF_LONGCLIP_CARD_TEMPLATES``, else the templates shipped in the wheel (``hf_longclip/model_cards/``),
@@ -35,50 +36,6 @@ def _template_dir() -> Path:
 
 #: Where the card templates live (see `_template_dir`).
 DEFAULT_TEMPLATE_DIR = _template_dir()
-
-VARIANTS: dict[str, dict[str, Any]] = {
-    "longclip": {
-        "title": "Long-CLIP",
-        "summary": "A CLIP model whose text encoder reads 248 tokens (Long-CLIP), for retrieval and classification "
-        "with long, detailed captions.",
-        "recipe": "Authors' reference recipe: ShareGPT4V long captions (about 1.2M; the first 1000 entries held out), "
-        "short caption = first sentence; AdamW, lr 1e-6, global batch 2048, label smoothing 0.1, 2 epochs in the "
-        "code (6 in the training notes); loss = InfoNCE(image, long) + InfoNCE(PCA-32 image, short).",
-        "tags": ["long-clip"],
-    },
-    "finelip": {
-        "title": "FineLIP",
-        "summary": "A long-caption CLIP (248 tokens) with fine-grained token aggregation and late-interaction "
-        "scoring (FineLIP).",
-        "recipe": "Authors' reference recipe: ShareGPT4V (about 1.2M, first 1000 held out); lr 1e-6 for the backbone "
-        "and 2e-4 for the aggregation heads; batch 128 x 4 accumulation steps; 6 epochs; bidirectional hinge loss "
-        "(margin 0.2) on the CLIM score with a one-epoch warm-up.",
-        "tags": ["finelip", "fine-grained"],
-    },
-    "fixclip": {
-        "title": "Fix-CLIP",
-        "summary": "A long-caption CLIP (248 tokens) with a masked short-caption branch, regional prompts and "
-        "hierarchical alignment heads (Fix-CLIP).",
-        "recipe": "The authors' recipe is not public; see `config.json` for the branch, prompt and loss settings used.",
-        "tags": ["fixclip"],
-    },
-    "mulclip": {
-        "title": "MulCLIP",
-        "summary": "A long-caption CLIP (248 tokens) with multi-level calibration heads (MulCLIP).",
-        "recipe": "The authors' recipe is not public (the paper trains on DOCCI long captions); see `config.json` for "
-        "the loss weights used.",
-        "tags": ["mulclip"],
-    },
-    "betaclip": {
-        "title": "beta-CLIP",
-        "summary": "A long-caption CLIP (248 tokens) with a text-conditioned pooling block trained with beta-CAL "
-        "(beta-CLIP).",
-        "recipe": "Authors' reference recipe: filtered ShareGPT4V; AdamW, lr 1e-5 (backbone, cosine to 1e-7) and 1e-3 "
-        "(pooling block, cosine to 1e-4); batch 64 per GPU x 8 accumulation x 4 GPUs = 2048; 10 epochs; AMP; up to 5 "
-        "sentences and 30 phrases per image.",
-        "tags": ["betaclip", "fine-grained"],
-    },
-}
 
 _BENCHMARK_INFO = {
     # name: (display name, dataset id for model-index, split)
@@ -219,12 +176,12 @@ def render_model_card(
             f"model card template {base_template} not found; pass template_dir= or set HF_LONGCLIP_CARD_TEMPLATES"
         )
     config = model.config
-    model_type = getattr(config, "model_type", "longclip")
-    variant = VARIANTS.get(model_type, VARIANTS["longclip"])
+    variant = get_variant(config)
+    model_type = variant.name
     section_file = template_dir / f"{model_type}.md"
-    variant_section = (
-        jinja2.Template(section_file.read_text(encoding="utf-8")).render(config=config).strip() if section_file.is_file() else ""
-    )
+    if not section_file.is_file():
+        raise FileNotFoundError(f"model card section {section_file} of the {variant.title} variant not found")
+    variant_section = jinja2.Template(section_file.read_text(encoding="utf-8")).render(config=config).strip()
     repo_id = repo_id or model_name or "path/to/this/model"
     model_name = model_name or repo_id.rstrip("/").split("/")[-1]
     if base_model is None:
@@ -239,12 +196,12 @@ def render_model_card(
         license=license,
         base_model=base_model,
         datasets=list(datasets) if datasets else None,
-        tags=sorted({"clip", "hf_longclip", "long-text", "image-text-retrieval", *variant["tags"], *(tags or [])}),
+        tags=sorted({"clip", "hf_longclip", "long-text", "image-text-retrieval", *variant.tags, *(tags or [])}),
         model_name=model_name,
         eval_results=eval_results or None,
     )
     if training_recipe is None:
-        training_section = variant["recipe"]
+        training_section = variant.reference_recipe
     elif isinstance(training_recipe, Mapping):
         training_section = "Settings of this run:\n\n```yaml\n" + yaml.safe_dump(dict(training_recipe), sort_keys=False) + "```"
     else:
@@ -256,8 +213,8 @@ def render_model_card(
         template_str=base_template.read_text(encoding="utf-8"),
         model_name=model_name,
         repo_id=repo_id,
-        summary=variant["summary"],
-        variant_title=variant["title"],
+        summary=variant.summary,
+        variant_title=variant.title,
         model_type=model_type,
         base_model_text=f"`{base_model}`" if isinstance(base_model, str) else (", ".join(base_model) if base_model else "not recorded"),
         text_length=text_config.max_position_embeddings,
@@ -367,7 +324,7 @@ def push_to_hub(
             results=results,
             **card_kwargs,
         )
-        variant = VARIANTS.get(getattr(model.config, "model_type", ""), {"title": type(model).__name__})["title"]
+        variant = get_variant(model).title
         # create_commit, not upload_folder: upload_folder may split a folder into several commits (its xet
         # pipeline) and refuses create_pr together with a revision.
         root = Path(folder)
@@ -388,7 +345,6 @@ def push_to_hub(
 
 __all__ = [
     "DEFAULT_TEMPLATE_DIR",
-    "VARIANTS",
     "eval_results_from_json",
     "evaluation_markdown",
     "push_to_hub",

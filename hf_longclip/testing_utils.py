@@ -8,7 +8,7 @@ import torch
 from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
 
 from .data.tokenizer import build_clip_tokenizer
-from .processing_longclip import LongCLIPProcessor
+from .models.processing_longclip import LongCLIPProcessor
 
 #: Words the tiny tokenizer knows as whole tokens (others fall back to byte-level pieces).
 DEFAULT_WORDS = (
@@ -74,7 +74,55 @@ def tiny_clip(seed: int = 0, processor: LongCLIPProcessor | None = None, **confi
     return CLIPModel(tiny_clip_config(**config_kwargs)).eval()
 
 
-__all__ = ["DEFAULT_WORDS", "spawn_distributed", "tiny_clip", "tiny_clip_config", "tiny_processor"]
+def tiny_variant(name: str, seed: int = 0, processor: LongCLIPProcessor | None = None, clip_kwargs=None, **fields):
+    """A tiny random model of a registered variant: `tiny_clip` stretched by the variant's ``from_clip`` with the
+    registry's ``tiny_config`` (what makes 2-layer towers valid) and `fields` on top."""
+    from .variants import get_variant
+
+    variant = get_variant(name)
+    clip = tiny_clip(seed, processor, **(clip_kwargs or {}))
+    torch.manual_seed(seed + 1)
+    return variant.model_class.from_clip(clip, **{**variant.tiny_config, **fields})
+
+
+def run_without_package(script: str, timeout: float = 300):
+    """Run a Python script in a fresh interpreter in which ``import hf_longclip`` fails (what a user without the
+    package has: ``trust_remote_code`` loading must then work from the files saved next to the weights).
+
+    Returns the `subprocess.CompletedProcess` (text output captured); the script is dedented first.
+    """
+    import subprocess
+    import sys
+    import textwrap
+
+    blocker = textwrap.dedent(
+        """
+        import importlib.abc, sys
+        class _BlockPackage(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] == "hf_longclip":
+                    raise ImportError("hf_longclip is blocked in this process")
+        sys.meta_path.insert(0, _BlockPackage())
+        """
+    )
+    return subprocess.run(
+        [sys.executable, "-c", blocker + textwrap.dedent(script)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PATH": "", "OMP_NUM_THREADS": "1"},
+    )
+
+
+__all__ = [
+    "DEFAULT_WORDS",
+    "run_without_package",
+    "spawn_distributed",
+    "tiny_clip",
+    "tiny_clip_config",
+    "tiny_processor",
+    "tiny_variant",
+]
 
 
 def _free_port() -> int:

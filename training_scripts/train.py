@@ -44,24 +44,15 @@ from hf_longclip.training.data import (
     training_records,
 )
 from hf_longclip.training.optim import build_scheduler, parameter_groups, schedules_for_groups
-from hf_longclip.training.variants import build_model_and_processor, make_collator, variant_spec
+from hf_longclip.training.setup import build_model_and_processor
+from hf_longclip.variants import get_variant
 
 logger = logging.getLogger("hf_longclip.train")
 
 
 def loss_terms(output) -> dict[str, float]:
-    """Every ``loss*`` field of a model output as floats (lists such as Fix-CLIP's per-group losses expanded)."""
-    terms = {}
-    for key, value in output.items():
-        if not key.startswith("loss"):
-            continue
-        if isinstance(value, torch.Tensor) and value.numel() == 1:
-            terms[key] = float(value.detach())
-        elif isinstance(value, (list, tuple)):
-            for i, item in enumerate(value):
-                if isinstance(item, torch.Tensor) and item.numel() == 1:
-                    terms[f"{key}_{i}"] = float(item.detach())
-    return terms
+    """Every loss term of a model output as floats (the output's own `loss_terms()`: Fix-CLIP's groups included)."""
+    return {key: float(value.detach()) for key, value in output.loss_terms().items()}
 
 
 def evaluate_heldout(model, processor, dataset, batch_size: int, device) -> dict[str, float]:
@@ -95,14 +86,17 @@ def run(model_args, data_args, train_args) -> dict:
 
     output_dir = Path(train_args.output_dir)
     cached = train_args.accumulation_mode == "cached" and train_args.gradient_accumulation_steps > 1
+    variant = get_variant(model_args.variant)
+    seed_step(train_args.seed, 0, 0)  # identical initialisation of the heads on every process
+    model, processor = build_model_and_processor(model_args, seed=train_args.seed)
     accelerator = Accelerator(
         mixed_precision=None if train_args.mixed_precision == "config" else train_args.mixed_precision,
         gradient_accumulation_steps=1 if cached else train_args.gradient_accumulation_steps,
         log_with=train_args.trackers or None,
         project_dir=str(output_dir),
-        # Some parameters get no gradient in some configurations (FineLIP's logit_scale without its global term,
-        # Fix-CLIP's unused branches, ...); DDP must not wait for them (the authors set the same flag).
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        # The model says whether a step can leave a trainable parameter without a gradient (no variant's default
+        # configuration does: such parameters are frozen or get an exact zero gradient).
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=model.ddp_find_unused_parameters)],
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     if not accelerator.is_main_process:
@@ -113,14 +107,11 @@ def run(model_args, data_args, train_args) -> dict:
             f"training ({accelerator.distributed_type}) does not allow; use accumulation_mode: naive"
         )
     rank, world = accelerator.process_index, accelerator.num_processes
-    spec = variant_spec(model_args.variant)
-    seed_step(train_args.seed, 0, 0)  # identical initialisation of the heads on every process
 
-    # ---------------------------------------------------------------- model and data
-    model, processor = build_model_and_processor(model_args, seed=train_args.seed)
+    # ---------------------------------------------------------------- data
     with accelerator.main_process_first():
         records = training_records(data_args, output_dir)
-        if spec.record_fields:
+        if variant.record_fields:
             records = add_caption_hierarchies(
                 records, data_args, data_args.text_cache_dir or output_dir, accelerator.is_main_process
             )
@@ -130,9 +121,9 @@ def run(model_args, data_args, train_args) -> dict:
         report = validate_records(records, strict=data_args.strict, check_files=data_args.strict)
         if report.num_bad:
             logger.warning("training data: %s (these samples will be skipped and counted)", report.summary())
-    transform_name = spec.default_transform if data_args.transform == "auto" else data_args.transform
+    transform_name = variant.train_transform if data_args.transform == "auto" else data_args.transform
     transform = transform_from_processor(processor, transform_name)
-    common = dict(strict=data_args.strict, max_image_pixels=data_args.max_image_pixels, passthrough=spec.record_fields)
+    common = dict(strict=data_args.strict, max_image_pixels=data_args.max_image_pixels, passthrough=variant.record_fields)
     if streaming:
         if train_args.max_steps <= 0:
             raise ValueError("a streamed data set has no length: set max_steps")
@@ -140,7 +131,7 @@ def run(model_args, data_args, train_args) -> dict:
     else:
         dataset = LongCaptionDataset(records, transform, seed=train_args.seed, **common)
     collator = SeededCollator(
-        make_collator(spec, processor, model, train_args.seed, data_args.collator_overrides()), train_args.seed
+        variant.make_collator(processor, seed=train_args.seed, **data_args.collator_overrides()), train_args.seed
     )
     batch_collator = SkipCountingCollator(collator)
 
@@ -234,7 +225,7 @@ def run(model_args, data_args, train_args) -> dict:
     if accelerator.is_main_process and not train_args.disable_progress_bar:
         from tqdm.auto import tqdm
 
-        progress = tqdm(total=total_steps, initial=state["global_step"], desc=f"train {spec.name}", unit="step",
+        progress = tqdm(total=total_steps, initial=state["global_step"], desc=f"train {variant.name}", unit="step",
                         dynamic_ncols=True)
     stop_at = min(total_steps, train_args.stop_after_steps or total_steps)
     running: dict[str, float] = {}
@@ -283,7 +274,7 @@ def run(model_args, data_args, train_args) -> dict:
                 continue
             micro = [_to_device(b, accelerator.device) for b in micro]
             seed_step(train_args.seed, state["global_step"], rank)
-            step_kwargs = spec.step_kwargs(unwrapped, state["global_step"], steps_per_epoch)
+            step_kwargs = unwrapped.training_loss_kwargs(state["global_step"], steps_per_epoch)
 
             if cached:
                 output = cached_accumulation_step(unwrapped, micro, step_kwargs, backward=accelerator.backward,
@@ -308,7 +299,7 @@ def run(model_args, data_args, train_args) -> dict:
                     for key, value in loss_terms(output).items():
                         terms[key] = terms.get(key, 0.0) + value / len(micro)
             scheduler.step()
-            spec.after_step(unwrapped)
+            unwrapped.after_optimizer_step()
             step_seconds.append(time.perf_counter() - step_start)
             state["global_step"] += 1
             samples = sum(b["pixel_values"].shape[0] for b in micro)
@@ -357,7 +348,7 @@ def run(model_args, data_args, train_args) -> dict:
     checkpoint()
     totals = skipped.as_dict()
     summary = {
-        "variant": spec.name,
+        "variant": variant.name,
         "global_step": state["global_step"],
         "total_steps": total_steps,
         "finished": finished,

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..processing_longclip import LongCLIPProcessor, check_captions
+from ..models.processing_longclip import LongCLIPProcessor, check_captions
 from ..text.sentences import first_sentence, normalise_caption
 
 
@@ -23,11 +23,14 @@ class LongCLIPCollator:
     Args:
         processor: the model's `LongCLIPProcessor`.
         with_short_caption: also tokenise the short caption (needed for Long-CLIP's short-caption loss).
+        seed: seed of the collator's own random choices; every collator takes it (the registry builds them all the same
+            way), and this one makes none.
     """
 
-    def __init__(self, processor: LongCLIPProcessor, with_short_caption: bool = True):
+    def __init__(self, processor: LongCLIPProcessor, with_short_caption: bool = True, seed: int | None = None):
         self.processor = processor
         self.with_short_caption = with_short_caption
+        self.seed = seed
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Tokenise `texts` padded to their own longest length (at most the model's text length)."""

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ..processing_longclip import LongCLIPProcessor
+from ..models.processing_longclip import LongCLIPProcessor
 from ..text.hierarchy import CAPTION_MODES, has_hierarchy, parse_hierarchies, sample_queries
 from ..text.phrases import PhraseExtractor
 from .collate import LongCLIPCollator

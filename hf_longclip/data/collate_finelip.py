@@ -36,10 +36,11 @@ class FineLIPCollator(LongCLIPCollator):
     Args:
         processor: the model's `LongCLIPProcessor`.
         with_image_ids: emit ``image_ids`` when the examples carry an ``id``.
+        seed: accepted like every collator's; this one draws nothing.
     """
 
-    def __init__(self, processor, with_image_ids: bool = True):
-        super().__init__(processor, with_short_caption=False)
+    def __init__(self, processor, with_image_ids: bool = True, seed: int | None = None):
+        super().__init__(processor, with_short_caption=False, seed=seed)
         self.with_image_ids = with_image_ids
 
     def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:

@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from ..modeling_fixclip import random_patch_mask
-from ..processing_longclip import LongCLIPProcessor
+from ..models.modeling_fixclip import random_patch_mask
+from ..models.processing_longclip import LongCLIPProcessor
 from .collate import LongCLIPCollator
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..processing_longclip import LongCLIPProcessor, check_captions
+from ..models.processing_longclip import LongCLIPProcessor, check_captions
 from ..text.sentences import normalise_caption, split_sentences
 from .collate import LongCLIPCollator
 

@@ -1,7 +1,7 @@
 """Training and evaluation image transforms on PIL + torch, without torchvision.
 
 Each transform takes an RGB PIL image and returns a normalised float tensor ``(3, height, width)``, which the
-collators stack as ``pixel_values``. Per recipe:
+collators stack as ``pixel_values``. Each variant's default is its registry entry's ``train_transform``:
 
 * ``"eval"``: OpenAI CLIP's eval transform (bicubic shortest-side resize, centre crop). Long-CLIP and FineLIP train
   with it too (their code passes CLIP's ``preprocess`` to the training set).
@@ -32,9 +32,6 @@ _RESAMPLE = {
 
 #: Names accepted by `build_transform`.
 TRANSFORM_NAMES = ("eval", "random_resized_crop")
-
-#: The training transform each variant's recipe uses (see the module docstring).
-RECIPE_TRANSFORMS = {"longclip": "eval", "finelip": "eval", "betaclip": "random_resized_crop"}
 
 
 def _resample(interpolation: str | int | Image.Resampling) -> Image.Resampling:
@@ -321,7 +318,6 @@ def transform_from_processor(processor: Any, name: str = "eval", **kwargs: Any) 
 
 
 __all__ = [
-    "RECIPE_TRANSFORMS",
     "TRANSFORM_NAMES",
     "EvalTransform",
     "TrainTransform",

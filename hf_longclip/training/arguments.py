@@ -15,7 +15,8 @@ from typing import Any, Literal
 
 import yaml
 
-VARIANTS = ("longclip", "finelip", "fixclip", "mulclip", "betaclip")
+from ..variants import TRAIN_TRANSFORMS, VARIANTS, get_variant
+
 #: `--base` value that builds a small random CLIP from config (quickstart, tests, offline demos).
 TINY_BASE = "tiny-random"
 
@@ -24,8 +25,8 @@ TINY_BASE = "tiny-random"
 class ModelArguments:
     """Which model to train and how to build it."""
 
-    variant: Literal["longclip", "finelip", "fixclip", "mulclip", "betaclip"] = field(
-        default="longclip", metadata={"help": "method to train"}
+    variant: str = field(
+        default="longclip", metadata={"help": "method to train (a registered variant)", "choices": list(VARIANTS)}
     )
     base: str = field(
         default="openai/clip-vit-base-patch16",
@@ -41,7 +42,10 @@ class ModelArguments:
     )
     position_keep: int = field(default=20, metadata={"help": "leading text positions copied and frozen"})
     position_ratio: int = field(default=4, metadata={"help": "rows each remaining source position becomes"})
-    reset_logit_scale: bool = field(default=True, metadata={"help": "set logit_scale to ln(100) when stretching"})
+    reset_logit_scale: bool | None = field(
+        default=None,
+        metadata={"help": "set logit_scale to ln(100) (default: yes from a stock CLIP, no from an hf_longclip model)"},
+    )
     gradient_checkpointing: Literal["none", "all", "text"] = field(
         default="none", metadata={"help": "activation checkpointing: none, all towers, or the text tower only"}
     )
@@ -56,8 +60,7 @@ class ModelArguments:
         return _json_object("model_config", self.model_config)
 
     def __post_init__(self):
-        if self.variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+        get_variant(self.variant)  # a ValueError listing the registered variants
         self.model_config_overrides()
         for name in ("tiny_hidden_size", "tiny_num_layers", "tiny_num_heads", "tiny_projection_dim", "tiny_image_size",
                      "tiny_patch_size"):
@@ -104,8 +107,9 @@ class DataArguments:
     synthetic_num_train: int = field(default=2000, metadata={"help": "scenes generated for --train_data synthetic"})
     synthetic_num_eval: int = field(default=200, metadata={"help": "held-out scenes for --train_data synthetic"})
     synthetic_image_size: int = field(default=64)
-    transform: Literal["auto", "eval", "random_resized_crop"] = field(
-        default="auto", metadata={"help": "train-time image transform ('auto': the variant's recipe)"}
+    transform: str = field(
+        default="auto",
+        metadata={"help": "train-time image transform ('auto': the variant's recipe)", "choices": ["auto", *TRAIN_TRANSFORMS]},
     )
     num_workers: int = field(default=2, metadata={"help": "data-loading worker processes per training process"})
     max_image_pixels: int = field(default=8192 * 8192, metadata={"help": "larger images are skipped"})
@@ -131,6 +135,8 @@ class DataArguments:
         _positive("num_workers", self.num_workers, allow_zero=True)
         _positive("max_image_pixels", self.max_image_pixels)
         _positive("text_num_proc", self.text_num_proc)
+        if self.transform not in ("auto", *TRAIN_TRANSFORMS):
+            raise ValueError(f"transform must be 'auto' or one of {TRAIN_TRANSFORMS}, got {self.transform!r}")
         self.collator_overrides()
         if self.max_train_samples is not None:
             _positive("max_train_samples", self.max_train_samples)
@@ -346,7 +352,6 @@ __all__ = [
     "ModelArguments",
     "TINY_BASE",
     "TrainingArguments",
-    "VARIANTS",
     "arguments_to_dict",
     "load_recipe",
     "parse_training_arguments",

@@ -2,10 +2,9 @@
 
 Parameters split two ways:
 
-* **backbone vs head**: the backbone is what a stock CLIP has (``text_model``, ``vision_model``, the two
-  projections, ``logit_scale``); heads are the modules a variant adds (FineLIP's aggregation heads, beta-CLIP's
-  pooling block, Fix-CLIP's prompts / mask token / group heads, MulCLIP's calibration heads). FineLIP and beta-CLIP
-  train their heads with a much larger learning rate than the backbone.
+* **backbone vs head**: the backbone is what a stock CLIP has; heads are what a variant adds, as its model says
+  (``model.is_head_parameter(name)``, from its ``head_modules``). FineLIP and beta-CLIP train their heads with a much
+  larger learning rate than the backbone.
 * **decay vs no decay**: Long-CLIP and FineLIP decay every parameter (``weight_decay_filter="all"``); beta-CLIP
   decays only weight matrices (``"matrices"``: no decay on biases, norms, scalars and other 1-D tensors).
 
@@ -21,14 +20,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-
-#: State-dict prefixes of the stock CLIP layout; every other parameter belongs to a variant's heads.
-BACKBONE_PREFIXES = ("text_model.", "vision_model.", "text_projection.", "visual_projection.", "logit_scale")
-
-
-def is_backbone_parameter(name: str) -> bool:
-    return name.startswith(BACKBONE_PREFIXES)
-
 
 def decays(name: str, parameter: torch.Tensor, weight_decay_filter: str) -> bool:
     """Whether weight decay applies to a parameter under `weight_decay_filter` ("all" or "matrices")."""
@@ -58,15 +49,15 @@ def parameter_groups(
 ) -> list[dict]:
     """AdamW parameter groups: ``backbone``/``head`` x ``decay``/``no_decay`` (empty groups are dropped).
 
-    Only parameters with ``requires_grad`` are included. Each group dict carries ``name`` (for logging) besides
-    ``params``, ``lr`` and ``weight_decay``.
+    Only parameters with ``requires_grad`` are included; ``model.is_head_parameter`` sorts them. Each group dict
+    carries ``name`` (for logging) besides ``params``, ``lr`` and ``weight_decay``.
     """
     head_lr = learning_rate if head_learning_rate is None else head_learning_rate
     buckets: dict[tuple[str, bool], list[torch.Tensor]] = {}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
-        part = "backbone" if is_backbone_parameter(name) else "head"
+        part = "head" if model.is_head_parameter(name) else "backbone"
         buckets.setdefault((part, decays(name, parameter, weight_decay_filter)), []).append(parameter)
     groups = []
     for (part, decay), params in sorted(buckets.items(), key=lambda kv: (kv[0][0] != "backbone", not kv[0][1])):
@@ -147,11 +138,9 @@ def schedules_for_groups(
 
 
 __all__ = [
-    "BACKBONE_PREFIXES",
     "GroupSchedule",
     "build_scheduler",
     "decays",
-    "is_backbone_parameter",
     "lr_multiplier",
     "parameter_groups",
     "schedules_for_groups",

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .losses import distributed_context, gather_with_grad
+from .losses_common import distributed_context, gather_with_grad
 
 
 def _zero_like_graph(*tensors: torch.Tensor) -> torch.Tensor:

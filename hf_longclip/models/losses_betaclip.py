@@ -1,39 +1,13 @@
-"""beta-CAL: the beta-contextualised alignment loss of beta-CLIP (Zohra et al., CVPR 2026).
-
-Every image ``b`` is conditioned on each of its ``K`` query texts (caption, sentences, phrases), giving the
-conditioned image embeddings ``z[b, k]`` that are paired with the text embeddings ``u[b, k]``. Flattening the
-``B x K`` slots to ``N = B*K`` rows, ``S = s * Z U^T`` (``N x N``, ``s = exp(logit_scale)``) scores every conditioned
-image against every query text of the batch. The targets credit the slot's own text fully (weight ``alpha``) and the
-other texts of the *same* image partially (weight ``beta``): ``W = alpha * I_N + beta * (G - I_N)`` with
-``G = I_B (x) 1_{KxK}``.
-
-Two forms, both symmetric (image->text rows of ``S`` and text->image rows of ``S^T``, averaged):
-
-* **CE** (`beta_cal_ce_loss`): soft-target cross-entropy with ``W * m m^T`` row-normalised to a distribution, mean
-  over valid rows.
-* **BCE** (`beta_cal_bce_loss`): binary cross-entropy with hard labels ``G * m m^T`` and element weights 1, ``beta`` on
-  same-image off-diagonal pairs, 0 on pairs that touch an invalid slot.
-
-Validity masks ``m`` (``(B, K)``, True = real query) remove padded slots. Two behaviours of the authors' code are
-reproducible by flags, and the clean behaviour is the default:
-
-* ``mask_invalid_columns=False`` (CE): padded slots stay in every softmax denominator as extra negatives; the
-  authors' code does this (their padded query rows are encoded texts too). Default True: padded slots are removed.
-* ``mean_over_all_pairs=True`` (BCE): the weighted sum is divided by ``N^2`` (all entries, zero-weight ones
-  included), as ``F.binary_cross_entropy_with_logits``'s default mean does in the authors' code. Default False: divided
-  by the number of valid pairs ``(sum m)^2``, so the loss scale does not depend on how many slots are padded.
-
-The loss is local to the process (the authors do not gather across GPUs for beta-CAL). A batch without any valid
-slot gives a zero loss that still carries a (zero) gradient, never NaN.
-
-This file is copied next to saved models for ``trust_remote_code`` loading, so it imports only torch.
-"""
+"""beta-CLIP's losses: beta-CAL (soft-CE and weighted-BCE forms, with the authors' padded-slot behaviours as flags) and
+the global CLS <-> caption InfoNCE with the authors' gather. The formulas are in docs/betaclip.md."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .losses_common import distributed_context, gather_no_grad, local_contrastive_loss
 
 BETA_CAL_MODES = ("ce", "bce")
 
@@ -229,7 +203,37 @@ class BetaCALoss(nn.Module):
         return f"mode={self.mode!r}, alpha={self.alpha}, beta={self.beta}"
 
 
+def global_contrastive_loss(
+    image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor, gather_with_grad: bool = False
+) -> torch.Tensor:
+    """beta-CLIP's CLS <-> caption InfoNCE (no label smoothing), local-loss form under torch.distributed.
+
+    With ``gather_with_grad=False`` (the authors' SLIP-style gather) the other ranks' columns are constants and only
+    this rank's rows and columns carry gradient; with True the gradient also flows to the rows other ranks gathered.
+    Without a process group both are the plain symmetric InfoNCE.
+    """
+    rank, world = distributed_context()
+    if gather_with_grad or world == 1:
+        return local_contrastive_loss(image_embeds, text_embeds, logit_scale, 0.0, gather=True)
+    batch = image_embeds.shape[0]
+    sizes = gather_no_grad(torch.tensor([batch], device=image_embeds.device))
+    offset = int(sizes[:rank].sum())
+
+    def splice(local: torch.Tensor) -> torch.Tensor:
+        gathered = gather_no_grad(local)
+        return torch.cat([gathered[:offset], local, gathered[offset + batch :]], dim=0)
+
+    image_all, text_all = splice(image_embeds), splice(text_embeds)
+    scale = logit_scale.exp()
+    targets = torch.arange(offset, offset + batch, device=image_embeds.device)
+    return 0.5 * (
+        F.cross_entropy(scale * image_embeds @ text_all.t(), targets)
+        + F.cross_entropy(scale * text_embeds @ image_all.t(), targets)
+    )
+
+
 __all__ = [
+    "global_contrastive_loss",
     "BETA_CAL_MODES",
     "BetaCALoss",
     "beta_cal_bce_loss",

@@ -1,21 +1,20 @@
-"""Token aggregation (FineLIP's ATRM head, reused by MulCLIP's token calibration).
-
-A head maps N input tokens to ``num_outputs`` learned mixtures of them: per-token scores
-``W(x) = Linear(GELU(Linear(LayerNorm(x))))`` of shape ``(N, num_outputs)``, a softmax over the *real* tokens
-(padding masked out) after multiplying by a learnable scalar, and output ``A x`` with ``A`` of shape
-``(num_outputs, N)``. The scores see the normalised tokens; the mixture is taken over the raw tokens.
-
-This file is copied next to saved models for ``trust_remote_code`` loading, so it imports only torch.
-"""
+"""Token aggregation: FineLIP's ATRM head, reused by MulCLIP's token calibration (see docs/finelip.md)."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
+from transformers import initialization as init
 
 
 class TokenAggregation(nn.Module):
     """Aggregate a variable number of tokens into a fixed number of weighted mixtures.
+
+    Per-token scores ``W(x) = Linear(GELU(Linear(LayerNorm(x))))`` of shape ``(N, num_outputs)`` are multiplied by a
+    learnable scalar and soft-maxed over the *real* tokens (padding masked out); the output is ``A x`` with ``A`` of
+    shape ``(num_outputs, N)``: the scores see the normalised tokens, the mixture is taken over the raw tokens.
 
     Args:
         dim: token width.
@@ -32,6 +31,18 @@ class TokenAggregation(nn.Module):
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, num_outputs)
         self.scale = nn.Parameter(torch.ones(1, 1, 1))
+
+    @torch.no_grad()
+    def reset_parameters(self, factor: float = 1.0) -> None:
+        """PyTorch's default initialisation (the authors'), with the Linear bounds scaled by ``factor`` (CLIP's
+        ``initializer_factor``), through transformers' init helpers so that loaded weights are left alone."""
+        init.ones_(self.norm.weight)
+        init.zeros_(self.norm.bias)
+        for linear in (self.fc1, self.fc2):
+            bound = factor / math.sqrt(linear.in_features)  # nn.Linear's kaiming_uniform(a=sqrt(5)) bound
+            init.uniform_(linear.weight, -bound, bound)
+            init.uniform_(linear.bias, -bound, bound)
+        init.ones_(self.scale)
 
     def aggregation_weights(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Softmax weights `(batch, num_outputs, N)`; masked (padding) tokens get weight 0."""

@@ -1,38 +1,22 @@
-"""beta-CLIP: multi-granular text-conditioned alignment on a Long-CLIP backbone (Zohra et al., CVPR 2026).
-
-The model is a [`LongCLIPModel`] (stock CLIP module names, 248-token text tower) plus one head, the
-:class:`TextConditionedPooler`: each query text (the caption, sampled sentences and spaCy phrases of an image) attends
-over that image's patch tokens and yields a *text-conditioned image embedding*. Training adds the beta-CAL loss
-(`beta_cal.py`) over every (conditioned image, query text) pair of the batch to the usual CLS <-> caption InfoNCE.
-
-Patch tokens come from a last vision block that keeps the CLS path exact and gives each patch its value path only
-(:meth:`BetaCLIPModel.get_image_tokens`). Texts are encoded granularity by granularity, each at the length of its own
-longest *valid* row, and padded query slots are never encoded (:meth:`BetaCLIPModel.encode_queries`).
-
-This file is copied next to saved models for ``trust_remote_code`` loading: it imports only torch, transformers and
-sibling files of this folder.
-"""
+"""beta-CLIP (Zohra et al., CVPR 2026): Long-CLIP plus a text-conditioned pooling block over the image patches, trained
+with beta-CAL over the caption, its sentences and its phrases. See docs/betaclip.md."""
 
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, CLIPModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.utils import ModelOutput
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from .beta_cal import BetaCALoss
 from .configuration_betaclip import BetaCLIPConfig
-from .configuration_longclip import LongCLIPConfig
-from .losses import distributed_context, gather_no_grad, local_contrastive_loss
-from .modeling_longclip import LongCLIPModel
+from .losses_betaclip import BetaCALoss, global_contrastive_loss
+from .modeling_longclip import CLIPVariantOutput, EncoderRecorder, LongCLIPModel, resolve_output_flags
 
 #: Upper bound of both logit scales (the authors clamp to [0, ln 100] after every optimiser step).
 MAX_LOGIT_SCALE = math.log(100.0)
@@ -77,18 +61,19 @@ class TextConditionedPooler(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale_init)))
 
     @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """PyTorch's default initialisation (what the authors' block gets), through transformers' init helpers so
-        that weights loaded by `from_pretrained` are left alone."""
-        init.xavier_uniform_(self.attn.in_proj_weight)
+    def reset_parameters(self, factor: float = 1.0) -> None:
+        """PyTorch's default initialisation (what the authors' block gets), with the weight bounds scaled by
+        ``factor`` (CLIP's ``initializer_factor``), through transformers' init helpers so that weights loaded by
+        `from_pretrained` are left alone. The temperature starts at ``logit_scale_init`` whatever the factor."""
+        init.xavier_uniform_(self.attn.in_proj_weight, gain=factor)
         init.zeros_(self.attn.in_proj_bias)
         init.zeros_(self.attn.out_proj.bias)
         for linear in (self.attn.out_proj, self.fc1, self.fc2):
-            bound = 1.0 / math.sqrt(linear.in_features)
+            bound = factor / math.sqrt(linear.in_features)
             # nn.Linear's default: kaiming_uniform(a=sqrt(5)) == U(-1/sqrt(fan_in), 1/sqrt(fan_in))
             init.uniform_(linear.weight, -bound, bound)
         for linear in (self.fc1, self.fc2):
-            bound = 1.0 / math.sqrt(linear.in_features)
+            bound = factor / math.sqrt(linear.in_features)
             init.uniform_(linear.bias, -bound, bound)
         init.ones_(self.layer_norm.weight)
         init.zeros_(self.layer_norm.bias)
@@ -137,73 +122,33 @@ class TextConditionedPooler(nn.Module):
 
 
 @dataclass
-class BetaCLIPOutput(ModelOutput):
+class BetaCLIPOutput(CLIPVariantOutput):
     """
-    Output of [`BetaCLIPModel.forward`].
+    Output of [`BetaCLIPModel.forward`]: the fields of [`CLIPVariantOutput`] (``loss`` is
+    ``global_loss_weight * loss_global + beta_cal_loss_weight * loss_beta_cal``), then
 
     Args:
-        loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `return_loss=True`):
-            ``global_loss_weight * loss_global + beta_cal_loss_weight * loss_beta_cal``.
         loss_global (`torch.FloatTensor` of shape `()`, *optional*):
             InfoNCE between the CLS image embeddings and the caption (EOT) embeddings, no label smoothing.
         loss_beta_cal (`torch.FloatTensor` of shape `()`, *optional*):
             beta-CAL (CE or BCE form, `config.beta_cal_mode`) over all `B * Kq` query slots of this process.
-        logits_per_image (`torch.FloatTensor` of shape `(batch_size, batch_size)`):
-            Scaled cosine similarities of CLS image embeddings (rows) and captions (columns).
-        logits_per_text (`torch.FloatTensor` of shape `(batch_size, batch_size)`):
-            The transpose of `logits_per_image`.
-        text_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim)`):
-            L2-normalised caption embeddings.
-        image_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim)`):
-            L2-normalised CLS image embeddings (identical to stock CLIP's for the same weights).
-        query_text_embeds (`torch.FloatTensor` of shape `(batch_size, num_queries, projection_dim)`):
+        query_text_embeds (`torch.FloatTensor` of shape `(batch_size, num_queries, projection_dim)`, *optional*):
             L2-normalised query text embeddings, slots ordered caption, sentences, phrases; zero for padded slots
             (unless the authors' padded-column behaviour is on, then padded slots hold the encoded padding rows).
-        conditioned_image_embeds (`torch.FloatTensor` of shape `(batch_size, num_queries, projection_dim)`):
+            Present when the hierarchy is encoded (`return_loss`, or sentence / phrase inputs given).
+        conditioned_image_embeds (`torch.FloatTensor` of shape `(batch_size, num_queries, projection_dim)`, *optional*):
             L2-normalised text-conditioned image embeddings, one per query slot.
-        query_mask (`torch.BoolTensor` of shape `(batch_size, num_queries)`):
-            True for real query slots.
+
+    Attributes (not outputs):
+        query_mask (`torch.BoolTensor` of shape `(batch_size, num_queries)`): True for real query slots.
     """
 
-    loss: torch.FloatTensor | None = None
     loss_global: torch.FloatTensor | None = None
     loss_beta_cal: torch.FloatTensor | None = None
-    logits_per_image: torch.FloatTensor | None = None
-    logits_per_text: torch.FloatTensor | None = None
-    text_embeds: torch.FloatTensor | None = None
-    image_embeds: torch.FloatTensor | None = None
     query_text_embeds: torch.FloatTensor | None = None
     conditioned_image_embeds: torch.FloatTensor | None = None
-    query_mask: torch.BoolTensor | None = None
 
-
-def global_contrastive_loss(
-    image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor, gather_with_grad: bool = False
-) -> torch.Tensor:
-    """beta-CLIP's CLS <-> caption InfoNCE (no label smoothing), local-loss form under torch.distributed.
-
-    With ``gather_with_grad=False`` (the authors' SLIP-style gather) the other ranks' columns are constants and only
-    this rank's rows and columns carry gradient; with True the gradient also flows to the rows other ranks gathered.
-    Without a process group both are the plain symmetric InfoNCE.
-    """
-    rank, world = distributed_context()
-    if gather_with_grad or world == 1:
-        return local_contrastive_loss(image_embeds, text_embeds, logit_scale, 0.0, gather=True)
-    batch = image_embeds.shape[0]
-    sizes = gather_no_grad(torch.tensor([batch], device=image_embeds.device))
-    offset = int(sizes[:rank].sum())
-
-    def splice(local: torch.Tensor) -> torch.Tensor:
-        gathered = gather_no_grad(local)
-        return torch.cat([gathered[:offset], local, gathered[offset + batch :]], dim=0)
-
-    image_all, text_all = splice(image_embeds), splice(text_embeds)
-    scale = logit_scale.exp()
-    targets = torch.arange(offset, offset + batch, device=image_embeds.device)
-    return 0.5 * (
-        F.cross_entropy(scale * image_embeds @ text_all.t(), targets)
-        + F.cross_entropy(scale * text_embeds @ image_all.t(), targets)
-    )
+    query_mask: ClassVar[torch.BoolTensor | None] = None
 
 
 class BetaCLIPModel(LongCLIPModel):
@@ -235,7 +180,8 @@ class BetaCLIPModel(LongCLIPModel):
     config_class = BetaCLIPConfig
     config: BetaCLIPConfig
     _no_split_modules = [*(getattr(LongCLIPModel, "_no_split_modules", None) or []), "TextConditionedPooler"]
-    retrieval_scorings: tuple[str, ...] = ("global", "tci")
+    head_modules: ClassVar[tuple[str, ...]] = ("text_conditioned_pooler",)
+    retrieval_scorings: ClassVar[tuple[str, ...]] = ("global", "tci")
 
     def __init__(self, config: BetaCLIPConfig):
         super().__init__(config)
@@ -260,7 +206,7 @@ class BetaCLIPModel(LongCLIPModel):
         super()._init_weights(module)
         # Children are initialised before their parent, so this overrides the generic Linear/LayerNorm init.
         if isinstance(module, TextConditionedPooler):
-            module.reset_parameters()
+            module.reset_parameters(self.config.initializer_factor)
 
     @torch.no_grad()
     def clamp_logit_scales(self) -> None:
@@ -272,55 +218,75 @@ class BetaCLIPModel(LongCLIPModel):
         self.logit_scale.clamp_(0.0, MAX_LOGIT_SCALE)
         self.text_conditioned_pooler.logit_scale.clamp_(0.0, MAX_LOGIT_SCALE)
 
-    def enable_text_gradient_checkpointing(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        """Recompute the text tower's activations in the backward pass, and only the text tower's.
-
-        beta-CLIP encodes up to ``1 + 5 + 30`` texts per image, so text activations dominate training memory; the
-        authors checkpoint the text tower only. (``gradient_checkpointing_enable()`` checkpoints both towers.)
-        """
-        kwargs = {"use_reentrant": False} if gradient_checkpointing_kwargs is None else gradient_checkpointing_kwargs
-        # transformers >= 5.x names it `activation_checkpointing_enable` (the old name warns)
-        if hasattr(self, "activation_checkpointing_enable"):
-            self.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            self.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        for module in self.vision_model.modules():
-            if hasattr(module, "gradient_checkpointing"):
-                module.gradient_checkpointing = False
+    def after_optimizer_step(self) -> None:
+        """The authors' clamp of both temperatures after every optimiser step."""
+        self.clamp_logit_scales()
 
     # ------------------------------------------------------------------ image side
-    def get_image_tokens(
-        self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Projected CLS embedding and projected patch tokens from one vision pass.
+    def image_tower(
+        self,
+        pixel_values: torch.Tensor,
+        interpolate_pos_encoding: bool = False,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | list[int] | None = None,
+    ) -> BaseModelOutputWithPooling:
+        """The image tower as beta-CLIP runs it, from one vision pass.
 
         Blocks ``0..L-2`` run as usual. With ``config.value_path_last_block`` the last block computes full attention
         for the CLS query only (so the CLS output equals stock CLIP's) and gives every patch its value path
         ``out_proj(v_proj(LN1(x)))`` without query-key mixing; the residual and the MLP are kept, as in the authors'
-        code. All tokens then go through ``post_layernorm`` and ``visual_projection``.
+        code. Its attention map (when asked for) is the CLS row's softmax and, for each patch, attention to itself.
 
-        Args:
-            pixel_values (`torch.FloatTensor` of shape `(B, 3, H, W)`).
+        Returns:
+            `BaseModelOutputWithPooling` whose ``last_hidden_state`` is before ``post_layernorm`` (as transformers')
+            and whose ``pooler_output`` is the projected CLS `(B, projection_dim)`; hidden states and attentions as
+            transformers' towers return them (default: the vision config's flags).
+        """
+        vision = self.vision_model
+        output_attentions, output_hidden_states = resolve_output_flags(
+            self.config.vision_config, output_attentions, output_hidden_states
+        )
+        hidden = vision.pre_layrnorm(vision.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding))
+        layers = vision.encoder.layers
+        value_path = self.config.value_path_last_block
+        with EncoderRecorder(layers, output_attentions, output_hidden_states) as recorder:
+            recorder.record(hidden)
+            for layer in layers[:-1] if value_path else layers:
+                hidden = layer(hidden, None)
+                recorder.record(hidden)
+            if value_path:
+                hidden, attention = self._value_path_block(layers[-1], hidden, output_attentions)
+                recorder.record(hidden)
+                if attention is not None:
+                    recorder.attentions.append(attention)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=hidden,
+            pooler_output=self.visual_projection(vision.post_layernorm(hidden[:, 0])),
+            **recorder.outputs(),
+        )
+
+    def get_image_tokens(
+        self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Projected CLS embedding and projected patch tokens (after ``post_layernorm``) from `image_tower`.
 
         Returns:
             `(cls_embeds, patch_embeds)` of shapes `(B, D)` and `(B, P, D)`, not normalised.
         """
-        vision = self.vision_model
-        hidden = vision.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
-        hidden = vision.pre_layrnorm(hidden)
-        layers = vision.encoder.layers
-        for layer in layers[:-1]:
-            hidden = layer(hidden, None)
-        if self.config.value_path_last_block:
-            hidden = self._value_path_block(layers[-1], hidden)
-        else:
-            hidden = layers[-1](hidden, None)
-        tokens = self.visual_projection(vision.post_layernorm(hidden))
-        return tokens[:, 0], tokens[:, 1:]
+        cls_embeds, patch_embeds, _ = self._image_tokens(pixel_values, interpolate_pos_encoding)
+        return cls_embeds, patch_embeds
+
+    def _image_tokens(self, pixel_values, interpolate_pos_encoding=False, **tower_kwargs):
+        outputs = self.image_tower(pixel_values, interpolate_pos_encoding, **tower_kwargs)
+        tokens = self.visual_projection(self.vision_model.post_layernorm(outputs.last_hidden_state))
+        return outputs.pooler_output, tokens[:, 1:], outputs
 
     @staticmethod
-    def _value_path_block(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        """A `CLIPEncoderLayer` whose CLS output is exact and whose patch outputs use the value path only."""
+    def _value_path_block(
+        layer: nn.Module, hidden: torch.Tensor, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A `CLIPEncoderLayer` whose CLS output is exact and whose patch outputs use the value path only; also its
+        effective attention map `(B, heads, T, T)` when asked for."""
         attn = layer.self_attn
         batch, length, dim = hidden.shape
         heads = attn.num_heads
@@ -328,18 +294,39 @@ class BetaCLIPModel(LongCLIPModel):
         query = attn.q_proj(normed[:, :1]).view(batch, 1, heads, -1).transpose(1, 2)
         key = attn.k_proj(normed).view(batch, length, heads, -1).transpose(1, 2)
         value = attn.v_proj(normed)
-        cls = F.scaled_dot_product_attention(
-            query, key, value.view(batch, length, heads, -1).transpose(1, 2), scale=attn.scale
-        )
+        values = value.view(batch, length, heads, -1).transpose(1, 2)
+        weights = None
+        if output_attentions:
+            cls_weights = ((query @ key.transpose(-1, -2)) * attn.scale).softmax(dim=-1)  # (B, H, 1, T)
+            cls = cls_weights @ values
+            weights = torch.eye(length, dtype=cls_weights.dtype, device=cls_weights.device).repeat(batch, heads, 1, 1)
+            weights[:, :, :1] = cls_weights
+        else:
+            cls = F.scaled_dot_product_attention(query, key, values, scale=attn.scale)
         mixed = torch.cat([cls.transpose(1, 2).reshape(batch, 1, dim), value[:, 1:]], dim=1)
         hidden = hidden + attn.out_proj(mixed)
-        return hidden + layer.mlp(layer.layer_norm2(hidden))
+        return hidden + layer.mlp(layer.layer_norm2(hidden)), weights
 
     # ------------------------------------------------------------------ text side
     def _eos_token_id(self) -> int:
         eos = self.config.text_config.eos_token_id
         # Legacy OpenAI configs say 2 and pool at argmax(ids); their real end-of-text id is the largest one.
         return self.config.text_config.vocab_size - 1 if eos in (None, 2) else eos
+
+    def _row_lengths(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Real length of each right-padded row (from `attention_mask`, else up to the first end-of-text token)."""
+        if attention_mask is not None:
+            return attention_mask.to(torch.long).sum(-1).clamp(min=1)
+        is_eos = input_ids == self._eos_token_id()
+        return torch.where(is_eos.any(-1), is_eos.int().argmax(-1) + 1, input_ids.shape[1])
+
+    def encode_captions(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **tower_kwargs
+    ) -> BaseModelOutputWithPooling:
+        """The text tower's output for right-padded rows cut to their longest real length, ``pooler_output`` projected
+        (under the causal mask the EOT token never sees the padding after it); `tower_kwargs` are output flags."""
+        length = int(self._row_lengths(input_ids, attention_mask).max())
+        return self.get_text_features(input_ids=input_ids[:, :length], return_dict=True, **tower_kwargs)
 
     def encode_text_rows(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, buckets: int = 1
@@ -362,19 +349,15 @@ class BetaCLIPModel(LongCLIPModel):
         count = input_ids.shape[0]
         if count == 0:
             return self.text_projection.weight.new_zeros(0, self.config.projection_dim)
-        if attention_mask is not None:
-            lengths = attention_mask.to(torch.long).sum(-1).clamp(min=1)
-        else:
-            is_eos = input_ids == self._eos_token_id()
-            lengths = torch.where(is_eos.any(-1), is_eos.int().argmax(-1) + 1, input_ids.shape[1])
+        lengths = self._row_lengths(input_ids, attention_mask)
         buckets = max(1, min(buckets, count))
         if buckets == 1:
-            return self.get_text_features(input_ids=input_ids[:, : int(lengths.max())]).pooler_output
+            return self.encode_captions(input_ids, attention_mask).pooler_output
         order = torch.argsort(lengths)
         out = None
         for chunk in order.chunk(buckets):
             ids = input_ids[chunk, : int(lengths[chunk].max())]
-            features = self.get_text_features(input_ids=ids).pooler_output
+            features = self.get_text_features(input_ids=ids, return_dict=True).pooler_output
             if out is None:
                 out = features.new_empty(count, features.shape[-1])
             out[chunk] = features
@@ -393,8 +376,8 @@ class BetaCLIPModel(LongCLIPModel):
         sentence[0, -1] = self._eos_token_id()
         phrase = torch.zeros(1, 1, dtype=torch.long, device=device)
         return (
-            self.get_text_features(input_ids=sentence).pooler_output[0],
-            self.get_text_features(input_ids=phrase).pooler_output[0],
+            self.get_text_features(input_ids=sentence, return_dict=True).pooler_output[0],
+            self.get_text_features(input_ids=phrase, return_dict=True).pooler_output[0],
         )
 
     def encode_queries(
@@ -409,6 +392,7 @@ class BetaCLIPModel(LongCLIPModel):
         phrase_mask: torch.Tensor | None = None,
         caption_query_mask: torch.Tensor | None = None,
         encode_padding: bool | None = None,
+        caption_embeds: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Encode the caption and every valid sentence / phrase, each granularity at its own length.
 
@@ -426,6 +410,8 @@ class BetaCLIPModel(LongCLIPModel):
                 (an empty caption is not); all True when None. The caption always enters the global loss.
             encode_padding (`bool`, *optional*): fill padded slots with the embeddings of the authors' padded rows;
                 defaults to True exactly when the CE form keeps padded columns (`config.ce_mask_invalid_columns=False`).
+            caption_embeds (`torch.FloatTensor` of shape `(B, D)`, *optional*): the captions' pooled embeddings when
+                already encoded (e.g. by `encode_captions`).
 
         Returns:
             `(caption_embeds, query_embeds, query_mask)` of shapes `(B, D)`, `(B, Kq, D)`, `(B, Kq)`; embeddings are
@@ -436,7 +422,8 @@ class BetaCLIPModel(LongCLIPModel):
             encode_padding = cfg.beta_cal_mode == "ce" and not cfg.ce_mask_invalid_columns
         batch = input_ids.shape[0]
         device = input_ids.device
-        caption_embeds = self.encode_text_rows(input_ids, attention_mask)
+        if caption_embeds is None:
+            caption_embeds = self.encode_text_rows(input_ids, attention_mask)
         if caption_query_mask is None:
             caption_query_mask = torch.ones(batch, dtype=torch.bool, device=device)
         slots = [caption_embeds[:, None]]
@@ -548,14 +535,15 @@ class BetaCLIPModel(LongCLIPModel):
         caption_query_mask: torch.BoolTensor | None = None,
         return_loss: bool | None = None,
         interpolate_pos_encoding: bool = False,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | list[int] | None = None,
         return_dict: bool | None = None,
-        **kwargs,
     ) -> BetaCLIPOutput | tuple:
         r"""
         Args:
-            input_ids (`torch.LongTensor` of shape `(B, Lc)`): captions (right-padded, <= 248 tokens).
-            pixel_values (`torch.FloatTensor` of shape `(B, 3, H, W)`): images.
-            attention_mask (`torch.Tensor` of shape `(B, Lc)`, *optional*): caption padding mask.
+            input_ids (`torch.LongTensor` of shape `(text_batch_size, Lc)`): captions (right-padded, <= 248 tokens).
+            pixel_values (`torch.FloatTensor` of shape `(image_batch_size, 3, H, W)`): images.
+            attention_mask (`torch.Tensor` of shape `(text_batch_size, Lc)`, *optional*): caption padding mask.
             sentence_input_ids (`torch.LongTensor` of shape `(B, Ks, Ls)`, *optional*): sentence queries.
             sentence_attention_mask (`torch.Tensor` of shape `(B, Ks, Ls)`, *optional*).
             sentence_mask (`torch.BoolTensor` of shape `(B, Ks)`, *optional*): valid sentence slots.
@@ -564,11 +552,28 @@ class BetaCLIPModel(LongCLIPModel):
             phrase_mask (`torch.BoolTensor` of shape `(B, Kp)`, *optional*): valid phrase slots.
             caption_query_mask (`torch.BoolTensor` of shape `(B,)`, *optional*): whether each caption is also a valid
                 query slot (False for empty captions).
-            return_loss (`bool`, *optional*): compute the global loss and beta-CAL.
+            return_loss (`bool`, *optional*): compute the global loss and beta-CAL (image `i` pairs with caption `i`).
+            output_attentions, output_hidden_states, return_dict: as in [`LongCLIPModel.forward`].
+
+        Without `return_loss` and without sentence / phrase inputs the model is a CLIP: any number of texts against
+        any number of images (zero-shot classification, retrieval), with the same CLS and caption embeddings.
 
         Returns:
             [`BetaCLIPOutput`]
         """
+        hierarchy = sentence_input_ids is not None or phrase_input_ids is not None
+        if not return_loss and not hierarchy:
+            features = LongCLIPModel.loss_features(
+                self,
+                input_ids=input_ids,
+                pixel_values=pixel_values,
+                attention_mask=attention_mask,
+                interpolate_pos_encoding=interpolate_pos_encoding,
+                output_attentions=output_attentions,
+                output_hidden_states=output_hidden_states,
+                keep_outputs=True,
+            )
+            return self._return(BetaCLIPOutput(**self.clip_outputs(features)), return_dict)
         features = self.loss_features(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -581,11 +586,11 @@ class BetaCLIPModel(LongCLIPModel):
             phrase_mask=phrase_mask,
             caption_query_mask=caption_query_mask,
             interpolate_pos_encoding=interpolate_pos_encoding,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            keep_outputs=True,
         )
-        output = self.loss_from_features(features, return_loss=bool(return_loss))
-        if return_dict is False:
-            return output.to_tuple()
-        return output
+        return self._return(self.loss_from_features(features, return_loss=bool(return_loss)), return_dict)
 
     # ------------------------------------------------------------------ two-stage training interface
     def loss_features(
@@ -601,20 +606,23 @@ class BetaCLIPModel(LongCLIPModel):
         phrase_mask: torch.BoolTensor | None = None,
         caption_query_mask: torch.BoolTensor | None = None,
         interpolate_pos_encoding: bool = False,
-        **kwargs,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | list[int] | None = None,
+        keep_outputs: bool = False,
     ) -> dict[str, Any]:
         """Per-sample features of the loss (see `LongCLIPModel.loss_features`): normalised CLS and caption
         embeddings, the pooling block's keys (``image_tokens``, `(B, P, D)`), and the query embeddings with their
         slot mask (``query_embeds`` `(B, K, D)`, ``query_mask`` `(B, K)`). The pooling block runs in
         `loss_from_features`."""
-        if input_ids is None or pixel_values is None:
-            raise ValueError("BetaCLIPModel.forward needs both input_ids and pixel_values")
+        self._require_inputs(input_ids, pixel_values)
         if input_ids.shape[0] != pixel_values.shape[0]:
             raise ValueError(
-                f"beta-CLIP pairs image i with caption i: got {pixel_values.shape[0]} images and "
+                f"beta-CLIP's query hierarchy pairs image i with caption i: got {pixel_values.shape[0]} images and "
                 f"{input_ids.shape[0]} captions"
             )
-        cls_embeds, patch_embeds = self.get_image_tokens(pixel_values, interpolate_pos_encoding)
+        towers = self.tower_kwargs(output_attentions, output_hidden_states)
+        cls_embeds, patch_embeds, vision_outputs = self._image_tokens(pixel_values, interpolate_pos_encoding, **towers)
+        caption_outputs = self.encode_captions(input_ids, attention_mask, **towers)
         caption_embeds, query_embeds, query_mask = self.encode_queries(
             input_ids,
             attention_mask,
@@ -625,23 +633,25 @@ class BetaCLIPModel(LongCLIPModel):
             phrase_attention_mask,
             phrase_mask,
             caption_query_mask,
+            caption_embeds=caption_outputs.pooler_output,
         )
-        return {
+        features = {
             "image_embeds": F.normalize(cls_embeds, dim=-1),
             "text_embeds": F.normalize(caption_embeds, dim=-1),
             "image_tokens": self._pooler_keys(cls_embeds, patch_embeds),
             "query_embeds": query_embeds,
             "query_mask": query_mask,
         }
+        if keep_outputs:
+            features.update(vision_model_output=vision_outputs, text_model_output=caption_outputs)
+        return features
 
-    def loss_from_features(self, features: dict[str, Any], return_loss: bool = True, **kwargs) -> BetaCLIPOutput:
+    def loss_from_features(self, features: dict[str, Any], return_loss: bool = True) -> BetaCLIPOutput:
         """Text-conditioned pooling, logits and (with `return_loss`) the global loss and beta-CAL from
         `loss_features` output (possibly concatenated over micro-batches)."""
         image_embeds, text_embeds = features["image_embeds"], features["text_embeds"]
         query_embeds, query_mask = features["query_embeds"], features["query_mask"]
         conditioned = self.text_conditioned_pooler(query_embeds, features["image_tokens"])
-        logits_per_text = self.logit_scale.exp() * text_embeds @ image_embeds.t()
-
         loss = loss_global = loss_beta_cal = None
         if return_loss:
             cfg = self.config
@@ -652,76 +662,16 @@ class BetaCLIPModel(LongCLIPModel):
                 conditioned, query_embeds, query_mask, self.text_conditioned_pooler.logit_scale
             )
             loss = cfg.global_loss_weight * loss_global + cfg.beta_cal_loss_weight * loss_beta_cal
-
-        return BetaCLIPOutput(
+        output = BetaCLIPOutput(
             loss=loss,
+            **self.clip_outputs(features),
             loss_global=loss_global,
             loss_beta_cal=loss_beta_cal,
-            logits_per_image=logits_per_text.t(),
-            logits_per_text=logits_per_text,
-            text_embeds=text_embeds,
-            image_embeds=image_embeds,
             query_text_embeds=F.normalize(query_embeds, dim=-1),
             conditioned_image_embeds=F.normalize(conditioned, dim=-1),
-            query_mask=query_mask,
         )
-
-    # ------------------------------------------------------------------ construction
-    @classmethod
-    def config_from_clip(cls, clip_config, **overrides) -> BetaCLIPConfig:
-        """A `BetaCLIPConfig` with the towers of a stock `CLIPConfig`; `overrides` set Long-CLIP / beta-CLIP fields."""
-        beta_fields = {k: overrides.pop(k) for k in list(overrides) if k in _BETA_ONLY_FIELDS}
-        base = LongCLIPModel.config_from_clip(clip_config, **overrides)
-        return _beta_config_from(base, **beta_fields)
-
-    @classmethod
-    def from_clip(
-        cls,
-        clip: str | os.PathLike | CLIPModel,
-        position_keep: int = 20,
-        position_ratio: int = 4,
-        reset_logit_scale: bool = True,
-        **kwargs,
-    ) -> BetaCLIPModel:
-        """Build a beta-CLIP from a stock CLIP (Hub id, folder or `CLIPModel`): stretch the text positions as
-        Long-CLIP does and add a freshly initialised pooling block. A folder holding a saved beta-CLIP is loaded as
-        it is. beta-CLIP config fields (e.g. ``beta_cal_mode="bce"``) may be passed as keyword arguments."""
-        beta_fields = {k: kwargs.pop(k) for k in list(kwargs) if k in _BETA_ONLY_FIELDS}
-        if isinstance(clip, (str, os.PathLike)):
-            hub_kwargs = {k: kwargs[k] for k in ("revision", "cache_dir", "local_files_only", "token") if k in kwargs}
-            source_config = AutoConfig.from_pretrained(clip, **hub_kwargs)
-            if getattr(source_config, "model_type", None) == BetaCLIPConfig.model_type:
-                return cls.from_pretrained(clip, **kwargs, **beta_fields)
-        backbone = LongCLIPModel.from_clip(clip, position_keep, position_ratio, reset_logit_scale, **kwargs)
-        model = cls(_beta_config_from(backbone.config, **beta_fields)).to(dtype=backbone.dtype)
-        missing, unexpected = model.load_state_dict(backbone.state_dict(), strict=False)
-        if unexpected or any(not key.startswith("text_conditioned_pooler.") for key in missing):
-            raise RuntimeError(f"unexpected backbone keys {unexpected} / missing {missing}")
-        return model.eval()
+        output.query_mask = query_mask
+        return output
 
 
-_BETA_ONLY_FIELDS = frozenset(BetaCLIPConfig.__dataclass_fields__) - frozenset(LongCLIPConfig.__dataclass_fields__)
-
-
-def _beta_config_from(config: LongCLIPConfig, **beta_fields) -> BetaCLIPConfig:
-    """A `BetaCLIPConfig` with the towers and stretch geometry of a Long-CLIP config."""
-    return BetaCLIPConfig(
-        text_config=config.text_config.to_dict(),
-        vision_config=config.vision_config.to_dict(),
-        projection_dim=config.projection_dim,
-        logit_scale_init_value=config.logit_scale_init_value,
-        source_max_position_embeddings=config.source_max_position_embeddings,
-        position_keep=config.position_keep,
-        position_ratio=config.position_ratio,
-        freeze_kept_positions=config.freeze_kept_positions,
-        **beta_fields,
-    )
-
-
-__all__ = [
-    "BetaCLIPModel",
-    "BetaCLIPOutput",
-    "MAX_LOGIT_SCALE",
-    "TextConditionedPooler",
-    "global_contrastive_loss",
-]
+__all__ = ["BetaCLIPModel", "BetaCLIPOutput", "MAX_LOGIT_SCALE", "TextConditionedPooler"]

@@ -1,51 +1,30 @@
-"""FineLIP: Long-CLIP with token aggregation (ATRM) and cross-modal late interaction (CLIM).
-
-Training-time extras on a Long-CLIP backbone (Asokan, Wu, Albreiki, CVPR 2025):
-
-* every image token after the post-LayerNorm and the visual projection, every text token after the final LayerNorm
-  and the text projection;
-* two `TokenAggregation` heads (FineLIP's ATRM) turn the projected patches and the projected start + word tokens into
-  ``N_s`` mixtures each (39 for ViT-B/16); the CLS token is put in front of the image mixtures and the EOT token
-  after the text mixtures, and every token is L2-normalised: two sets of ``N_s + 1`` tokens;
-* CLIM scores every caption against every image of the (global) batch, and a bidirectional hinge loss on those
-  scores is the whole training loss by default (the authors' code has no InfoNCE term in FineLIP mode).
-
-At inference the model is a Long-CLIP (global CLS / EOT cosine); the "fused" retrieval score
-``0.8 * global + 0.2 * CLIM`` is available through the retrieval interface.
-
-This file is copied next to saved models for ``trust_remote_code`` loading: it imports only torch, transformers
-and sibling files of this folder.
-"""
+"""FineLIP (Asokan, Wu, Albreiki, CVPR 2025): Long-CLIP plus token aggregation (ATRM) and cross-modal late interaction
+(CLIM) trained with a bidirectional hinge loss. See docs/finelip.md."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoConfig, CLIPModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling
-from transformers.utils import ModelOutput
 
 from .configuration_finelip import FineLIPConfig
-from .configuration_longclip import LongCLIPConfig
-from .late_interaction import bidirectional_hinge_loss, clim_scores, hinge_warmup_alpha
-from .losses import gather_no_grad, gather_with_grad, local_contrastive_loss
-from .modeling_longclip import LongCLIPModel
+from .losses_common import gather_no_grad, gather_with_grad, local_contrastive_loss
+from .losses_finelip import bidirectional_hinge_loss, clim_scores, hinge_warmup_alpha
+from .modeling_longclip import CLIPVariantOutput, LongCLIPModel
 from .token_aggregation import TokenAggregation
 
 
 @dataclass
-class FineLIPOutput(ModelOutput):
+class FineLIPOutput(CLIPVariantOutput):
     """
-    Output of [`FineLIPModel.forward`].
+    Output of [`FineLIPModel.forward`]: the fields of [`CLIPVariantOutput`] (``loss`` is
+    ``fine_loss_weight * warmup_alpha * loss_hinge + global_loss_weight * loss_global``; under torch.distributed every
+    rank holds the loss of the whole global batch), then
 
     Args:
-        loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `return_loss=True`):
-            ``fine_loss_weight * warmup_alpha * loss_hinge + global_loss_weight * loss_global``. Under
-            torch.distributed every rank holds the same hinge term (the loss of the whole global batch).
         loss_hinge (`torch.FloatTensor` of shape `()`, *optional*):
             The bidirectional hinge loss on the CLIM scores (a sum over the global batch), before ``warmup_alpha``.
         loss_hinge_image_anchor (`torch.FloatTensor` of shape `()`, *optional*):
@@ -56,44 +35,25 @@ class FineLIPOutput(ModelOutput):
             InfoNCE on the CLS / EOT embeddings; computed only when ``config.global_loss_weight > 0``.
         clim_scores (`torch.FloatTensor` of shape `(global_batch, global_batch)`, *optional*):
             CLIM scores of every image (rows) with every caption (columns) of the global batch.
-        logits_per_image (`torch.FloatTensor` of shape `(image_batch_size, text_batch_size)`):
-            Scaled global cosine similarities (local batch), as in CLIP.
-        logits_per_text (`torch.FloatTensor` of shape `(text_batch_size, image_batch_size)`):
-            The transpose of `logits_per_image`.
-        text_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim)`):
-            L2-normalised EOT embeddings.
-        image_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim)`):
-            L2-normalised CLS embeddings.
         image_tokens (`torch.FloatTensor` of shape `(batch_size, 1 + N_v, projection_dim)`):
             L2-normalised CLS token followed by the aggregated image tokens.
         text_tokens (`torch.FloatTensor` of shape `(batch_size, N_t + 1, projection_dim)`):
             L2-normalised aggregated text tokens followed by the EOT token.
-        text_token_mask (`torch.BoolTensor` of shape `(batch_size, N_t + 1)`):
-            True for valid text tokens (all of them unless a caption has an empty aggregation span).
-        text_model_output (`BaseModelOutputWithPooling`):
-            Output of the text encoder.
-        vision_model_output (`BaseModelOutputWithPooling`):
-            Output of the image encoder.
+
+    Attributes (not outputs):
+        text_token_mask (`torch.BoolTensor` of shape `(batch_size, N_t + 1)`): True for valid text tokens (all of them
+            unless a caption has an empty aggregation span).
     """
 
-    loss: torch.FloatTensor | None = None
     loss_hinge: torch.FloatTensor | None = None
     loss_hinge_image_anchor: torch.FloatTensor | None = None
     loss_hinge_text_anchor: torch.FloatTensor | None = None
     loss_global: torch.FloatTensor | None = None
     clim_scores: torch.FloatTensor | None = None
-    logits_per_image: torch.FloatTensor | None = None
-    logits_per_text: torch.FloatTensor | None = None
-    text_embeds: torch.FloatTensor | None = None
-    image_embeds: torch.FloatTensor | None = None
     image_tokens: torch.FloatTensor | None = None
     text_tokens: torch.FloatTensor | None = None
-    text_token_mask: torch.BoolTensor | None = None
-    text_model_output: BaseModelOutputWithPooling | None = None
-    vision_model_output: BaseModelOutputWithPooling | None = None
 
-    def to_tuple(self) -> tuple[Any, ...]:
-        return tuple(v.to_tuple() if isinstance(v, ModelOutput) else v for v in (self[k] for k in self.keys()))
+    text_token_mask: ClassVar[torch.BoolTensor | None] = None
 
 
 class FineLIPModel(LongCLIPModel):
@@ -109,8 +69,9 @@ class FineLIPModel(LongCLIPModel):
     (``config.fused_global_weight * global + config.fused_clim_weight * CLIM``, 0.8 / 0.2 as the authors' test.py).
 
     Training (inputs from [`FineLIPCollator`]): images, long captions, optional image ids (for the duplicate mask),
-    and ``warmup_alpha``, the ramp weight of the hinge loss; compute it with [`FineLIPModel.hinge_warmup_alpha`]
-    from the training step.
+    and ``warmup_alpha``, the ramp weight of the hinge loss (`training_loss_kwargs` gives it per step, from
+    [`FineLIPModel.hinge_warmup_alpha`]). ``logit_scale`` takes no part in the default loss
+    (``global_loss_weight=0``), so it is created with ``requires_grad=False``; it trains when the global term is on.
 
     Example:
 
@@ -129,7 +90,8 @@ class FineLIPModel(LongCLIPModel):
     config_class = FineLIPConfig
     config: FineLIPConfig
     _no_split_modules = [*(getattr(LongCLIPModel, "_no_split_modules", None) or []), "TokenAggregation"]
-    retrieval_scorings: tuple[str, ...] = ("global", "fused", "clim")
+    head_modules: ClassVar[tuple[str, ...]] = ("image_aggregation", "text_aggregation")
+    retrieval_scorings: ClassVar[tuple[str, ...]] = ("global", "fused", "clim")
 
     def __init__(self, config: FineLIPConfig):
         super().__init__(config)
@@ -137,20 +99,20 @@ class FineLIPModel(LongCLIPModel):
         self.image_aggregation = TokenAggregation(dim, config.image_aggregation_size, config.aggregation_hidden_ratio)
         self.text_aggregation = TokenAggregation(dim, config.text_aggregation_size, config.aggregation_hidden_ratio)
         self.post_init()
+        # Without the global term nothing in the loss reads logit_scale: leave it out of training explicitly (the
+        # authors' optimiser skips it for the same reason), so no step has a parameter without a gradient.
+        self.logit_scale.requires_grad_(config.global_loss_weight > 0)
 
     @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)
-        # PyTorch's default init (the authors'): children are initialised before their parent, so this replaces the
-        # generic init of the heads' LayerNorm / Linear layers.
+        # Children are initialised before their parent, so this replaces the generic init of the heads' layers.
         if isinstance(module, TokenAggregation):
-            for layer in (module.norm, module.fc1, module.fc2):
-                layer.reset_parameters()
-            module.scale.fill_(1.0)
+            module.reset_parameters(self.config.initializer_factor)
 
     # ------------------------------------------------------------------ token sets
     def image_token_set(
-        self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False
+        self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False, **tower_kwargs
     ) -> tuple[torch.Tensor, torch.Tensor, BaseModelOutputWithPooling]:
         """CLS embedding and the image token set from one vision pass.
 
@@ -159,9 +121,12 @@ class FineLIPModel(LongCLIPModel):
 
         Returns:
             `(cls_embeds (B, D) unnormalised, image_tokens (B, 1 + N_v, D) normalised, vision_outputs)`;
-            ``cls_embeds`` equals `get_image_features(...).pooler_output`.
+            ``cls_embeds`` equals `get_image_features(...).pooler_output`. `tower_kwargs` (output flags) go to the
+            image tower.
         """
-        outputs = self.vision_model(pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+        outputs = self.vision_model(
+            pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, return_dict=True, **tower_kwargs
+        )
         tokens = self.visual_projection(self.vision_model.post_layernorm(outputs.last_hidden_state))
         aggregated = self.image_aggregation(tokens[:, 1:])
         image_tokens = F.normalize(torch.cat([tokens[:, :1], aggregated], dim=1), dim=-1)
@@ -180,22 +145,15 @@ class FineLIPModel(LongCLIPModel):
         Returns:
             `(eot_index (B,) long, span_mask (B, L) bool)`.
         """
-        batch, length = input_ids.shape
+        length = input_ids.shape[1]
         attended = attention_mask.to(torch.bool) if attention_mask is not None else None
         if self.config.text_span_from_nonzero_ids:
             nonzero = input_ids != 0
             if attended is not None:
                 nonzero = nonzero & attended
             eot = nonzero.to(torch.long).sum(-1).clamp(min=1) - 1
-        elif attended is not None:
-            eot = attended.to(torch.long).sum(-1).clamp(min=1) - 1
         else:
-            eos = self.config.text_config.eos_token_id
-            if eos in (None, 2):  # legacy OpenAI configs: the end-of-text id is the largest id
-                eot = input_ids.argmax(-1)
-            else:
-                is_eos = input_ids == eos
-                eot = torch.where(is_eos.any(-1), is_eos.to(torch.long).argmax(-1), length - 1)
+            eot = self.text_eot_index(input_ids, attention_mask)
         positions = torch.arange(length, device=input_ids.device)
         first = 0 if self.config.text_aggregation_include_start else 1
         span = (positions[None, :] >= first) & (positions[None, :] < eot[:, None])
@@ -208,8 +166,9 @@ class FineLIPModel(LongCLIPModel):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        **tower_kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, BaseModelOutputWithPooling]:
-        """EOT embedding and the text token set from one text pass.
+        """EOT embedding and the text token set from one text pass (`tower_kwargs`: output flags of the text tower).
 
         The text head aggregates the projected tokens of each caption's span (softmax over its real tokens only, so
         padding changes nothing); the EOT token is appended and every token is L2-normalised.
@@ -219,12 +178,9 @@ class FineLIPModel(LongCLIPModel):
             bool, text_outputs)`; ``eot_embeds`` equals `get_text_features(...).pooler_output`. The mask is False for
             the aggregated tokens of a caption whose span is empty (possible only without the start token).
         """
-        if input_ids.shape[-1] > self.config.text_config.max_position_embeddings:
-            raise ValueError(
-                f"captions have {input_ids.shape[-1]} tokens but the text encoder reads at most "
-                f"{self.config.text_config.max_position_embeddings}; tokenise with truncation"
-            )
-        outputs = self.text_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        outputs = self.text_model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, return_dict=True, **tower_kwargs
+        )
         tokens = self.text_projection(outputs.last_hidden_state)
         eot_embeds = self.text_projection(outputs.pooler_output)
         eot, span = self.text_spans(input_ids, attention_mask)
@@ -261,6 +217,10 @@ class FineLIPModel(LongCLIPModel):
         if not self.config.hinge_warmup:
             return 1.0
         return hinge_warmup_alpha(step, steps_per_epoch, self.config.hinge_warmup_epochs)
+
+    def training_loss_kwargs(self, step: int, steps_per_epoch: int) -> dict[str, Any]:
+        """The hinge warm-up weight of this step (``warmup_alpha``)."""
+        return {"warmup_alpha": self.hinge_warmup_alpha(step, steps_per_epoch)}
 
     # ------------------------------------------------------------------ retrieval scoring interface
     def retrieval_image_features(self, pixel_values: torch.Tensor, scoring: str = "global") -> dict[str, torch.Tensor]:
@@ -348,8 +308,9 @@ class FineLIPModel(LongCLIPModel):
         return_loss: bool | None = None,
         warmup_alpha: float | torch.Tensor = 1.0,
         interpolate_pos_encoding: bool = False,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | list[int] | None = None,
         return_dict: bool | None = None,
-        **kwargs,
     ) -> FineLIPOutput | tuple:
         r"""
         Args:
@@ -362,6 +323,7 @@ class FineLIPModel(LongCLIPModel):
             return_loss (`bool`, *optional*): compute FineLIP's loss.
             warmup_alpha (`float`, *optional*, defaults to 1.0): weight of the hinge term for this step (the
                 authors' warm-up ramp; see [`FineLIPModel.hinge_warmup_alpha`]).
+            output_attentions, output_hidden_states, return_dict: as in [`LongCLIPModel.forward`].
 
         Returns:
             [`FineLIPOutput`]. With a batch of one pair (over all processes) the hinge loss is exactly 0: there is no
@@ -374,12 +336,12 @@ class FineLIPModel(LongCLIPModel):
             image_ids=image_ids,
             position_ids=position_ids,
             interpolate_pos_encoding=interpolate_pos_encoding,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
             keep_outputs=True,
         )
         output = self.loss_from_features(features, return_loss=bool(return_loss), warmup_alpha=warmup_alpha)
-        if return_dict is False:
-            return output.to_tuple()
-        return output
+        return self._return(output, return_dict)
 
     # ------------------------------------------------------------------ two-stage training interface
     def loss_features(
@@ -390,16 +352,19 @@ class FineLIPModel(LongCLIPModel):
         image_ids: torch.LongTensor | None = None,
         position_ids: torch.LongTensor | None = None,
         interpolate_pos_encoding: bool = False,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | list[int] | None = None,
         keep_outputs: bool = False,
-        **kwargs,
     ) -> dict[str, Any]:
         """Per-sample features of the loss: normalised global embeddings, the aggregated token sets
         (``image_tokens`` / ``text_tokens`` with ``text_token_mask``) and ``image_ids`` when given (see
         `LongCLIPModel.loss_features` for the two-stage interface)."""
-        if input_ids is None or pixel_values is None:
-            raise ValueError("FineLIPModel.forward needs both input_ids and pixel_values")
-        cls_embeds, image_tokens, vision_outputs = self.image_token_set(pixel_values, interpolate_pos_encoding)
-        eot_embeds, text_tokens, text_mask, text_outputs = self.text_token_set(input_ids, attention_mask, position_ids)
+        self._require_inputs(input_ids, pixel_values)
+        towers = self.tower_kwargs(output_attentions, output_hidden_states)
+        cls_embeds, image_tokens, vision_outputs = self.image_token_set(pixel_values, interpolate_pos_encoding, **towers)
+        eot_embeds, text_tokens, text_mask, text_outputs = self.text_token_set(
+            input_ids, attention_mask, position_ids, **towers
+        )
         features: dict[str, Any] = {
             "image_embeds": F.normalize(cls_embeds, dim=-1),
             "text_embeds": F.normalize(eot_embeds, dim=-1),
@@ -412,11 +377,13 @@ class FineLIPModel(LongCLIPModel):
                 raise ValueError(f"image_ids must have shape ({cls_embeds.shape[0]},), got {tuple(image_ids.shape)}")
             features["image_ids"] = image_ids.to(device=cls_embeds.device, dtype=torch.long)
         if keep_outputs:
+            vision_outputs.pooler_output = cls_embeds
+            text_outputs.pooler_output = eot_embeds
             features.update(vision_model_output=vision_outputs, text_model_output=text_outputs)
         return features
 
     def loss_from_features(
-        self, features: dict[str, Any], return_loss: bool = True, warmup_alpha: float | torch.Tensor = 1.0, **kwargs
+        self, features: dict[str, Any], return_loss: bool = True, warmup_alpha: float | torch.Tensor = 1.0
     ) -> FineLIPOutput:
         """Logits and (with `return_loss`) FineLIP's loss from `loss_features` output (possibly concatenated over
         micro-batches). `warmup_alpha` weights the hinge term (the authors' warm-up ramp)."""
@@ -424,15 +391,9 @@ class FineLIPModel(LongCLIPModel):
         image_embeds, text_embeds = features["image_embeds"], features["text_embeds"]
         image_tokens, text_tokens = features["image_tokens"], features["text_tokens"]
         text_mask = features["text_token_mask"]
-        logits_per_text = self.logit_scale.exp() * text_embeds @ image_embeds.t()
-
         loss = loss_hinge = loss_s = loss_im = loss_global = scores = None
         if return_loss:
-            if image_embeds.shape[0] != text_embeds.shape[0]:
-                raise ValueError(
-                    f"the loss pairs image i with caption i: got {image_embeds.shape[0]} images and "
-                    f"{text_embeds.shape[0]} captions"
-                )
+            self._require_pairs(image_embeds, text_embeds)
             scores, all_ids = self.global_clim_scores(image_tokens, text_tokens, text_mask, features.get("image_ids"))
             loss_hinge, loss_s, loss_im = bidirectional_hinge_loss(
                 scores, all_ids, margin=cfg.hinge_margin, max_violation=cfg.hinge_max_violation
@@ -441,77 +402,19 @@ class FineLIPModel(LongCLIPModel):
             if cfg.global_loss_weight > 0:
                 loss_global = local_contrastive_loss(image_embeds, text_embeds, self.logit_scale, cfg.label_smoothing)
                 loss = loss + cfg.global_loss_weight * loss_global
-
-        return FineLIPOutput(
+        output = FineLIPOutput(
             loss=loss,
+            **self.clip_outputs(features),
             loss_hinge=loss_hinge,
             loss_hinge_image_anchor=loss_s,
             loss_hinge_text_anchor=loss_im,
             loss_global=loss_global,
             clim_scores=scores,
-            logits_per_image=logits_per_text.t(),
-            logits_per_text=logits_per_text,
-            text_embeds=text_embeds,
-            image_embeds=image_embeds,
             image_tokens=image_tokens,
             text_tokens=text_tokens,
-            text_token_mask=text_mask,
-            text_model_output=features.get("text_model_output"),
-            vision_model_output=features.get("vision_model_output"),
         )
-
-    # ------------------------------------------------------------------ construction
-    @classmethod
-    def config_from_clip(cls, clip_config, **overrides) -> FineLIPConfig:
-        """A `FineLIPConfig` with the towers of a stock `CLIPConfig`; `overrides` set Long-CLIP / FineLIP fields."""
-        own = {k: overrides.pop(k) for k in list(overrides) if k in _FINELIP_FIELDS}
-        base = LongCLIPModel.config_from_clip(clip_config, **overrides)
-        return _finelip_config_from(base, **own)
-
-    @classmethod
-    def from_clip(
-        cls,
-        clip: str | os.PathLike | CLIPModel,
-        position_keep: int = 20,
-        position_ratio: int = 4,
-        reset_logit_scale: bool = True,
-        **kwargs,
-    ) -> FineLIPModel:
-        """Build a FineLIP from a stock CLIP (Hub id, folder or `CLIPModel`): stretch the text positions as Long-CLIP
-        does and add freshly initialised aggregation heads. A folder holding a saved FineLIP is loaded as it is.
-        FineLIP config fields (e.g. ``hinge_margin=0.2``, ``global_loss_weight=1.0``) may be passed as keywords."""
-        own = {k: kwargs.pop(k) for k in list(kwargs) if k in _FINELIP_FIELDS}
-        if isinstance(clip, (str, os.PathLike)):
-            hub_kwargs = {k: kwargs[k] for k in ("revision", "cache_dir", "local_files_only", "token") if k in kwargs}
-            source_config = AutoConfig.from_pretrained(clip, **hub_kwargs)
-            if getattr(source_config, "model_type", None) == FineLIPConfig.model_type:
-                return cls.from_pretrained(clip, **kwargs, **own)
-        backbone = LongCLIPModel.from_clip(clip, position_keep, position_ratio, reset_logit_scale, **kwargs)
-        model = cls(_finelip_config_from(backbone.config, **own)).to(dtype=backbone.dtype)
-        missing, unexpected = model.load_state_dict(backbone.state_dict(), strict=False)
-        if unexpected or any(not key.startswith(("image_aggregation.", "text_aggregation.")) for key in missing):
-            raise RuntimeError(f"unexpected backbone keys {unexpected} / missing {missing}")
-        return model.eval()
-
-
-# Fields a FineLIP config sets beyond Long-CLIP's.
-_FINELIP_FIELDS = frozenset(FineLIPConfig.__dataclass_fields__) - frozenset(LongCLIPConfig.__dataclass_fields__)
-
-
-def _finelip_config_from(config: LongCLIPConfig, **fields) -> FineLIPConfig:
-    """A `FineLIPConfig` with the towers, stretch geometry and loss fields of a Long-CLIP config."""
-    inherited = {
-        k: getattr(config, k)
-        for k in ("logit_scale_init_value", "source_max_position_embeddings", "position_keep", "position_ratio",
-                  "freeze_kept_positions", "label_smoothing")
-    }
-    return FineLIPConfig(
-        text_config=config.text_config.to_dict(),
-        vision_config=config.vision_config.to_dict(),
-        projection_dim=config.projection_dim,
-        **inherited,
-        **fields,
-    )
+        output.text_token_mask = text_mask
+        return output
 
 
 __all__ = ["FineLIPModel", "FineLIPOutput"]

@@ -9,6 +9,9 @@ from transformers import CLIPConfig, CLIPTextConfig
 CLIP_CONTEXT_LENGTH = 77
 #: Text context length Long-CLIP stretches to (77 -> 248 with keep 20, ratio 4).
 LONGCLIP_CONTEXT_LENGTH = 248
+#: ``logit_scale`` Long-CLIP sets before fine-tuning a stock CLIP (the authors' ``--log_scale`` default, ln 100 rounded
+#: to 4 decimals); fresh configs keep CLIP's ln(1 / 0.07).
+LONGCLIP_LOGIT_SCALE = 4.6052
 
 
 def stretched_length(source_length: int, keep: int, ratio: int) -> int:
@@ -57,8 +60,9 @@ class LongCLIPConfig(CLIPConfig):
             Image encoder settings.
         projection_dim (`int`, *optional*, defaults to 512):
             Size of the joint embedding space.
-        logit_scale_init_value (`float`, *optional*, defaults to 4.6052):
-            Initial ``logit_scale``; Long-CLIP resets it to ln(100) when fine-tuning starts.
+        logit_scale_init_value (`float`, *optional*, defaults to 2.6592):
+            Initial ``logit_scale`` of a model built from this config (CLIP's ln(1 / 0.07)); `from_clip` records
+            ln(100) here, the value Long-CLIP sets before fine-tuning a stock CLIP.
         source_max_position_embeddings (`int`, *optional*, defaults to 77):
             Rows of the source CLIP's position table (what the stretch started from).
         position_keep (`int`, *optional*, defaults to 20):
@@ -92,7 +96,7 @@ class LongCLIPConfig(CLIPConfig):
 
     model_type = "longclip"
 
-    logit_scale_init_value: float | int | None = 4.6052
+    logit_scale_init_value: float | int | None = 2.6592
     source_max_position_embeddings: int = CLIP_CONTEXT_LENGTH
     position_keep: int = 20
     position_ratio: int = 4
@@ -134,4 +138,11 @@ class LongCLIPConfig(CLIPConfig):
         return stretched_length(self.source_max_position_embeddings, self.position_keep, self.position_ratio)
 
 
-__all__ = ["LongCLIPConfig", "stretched_length", "validate_stretch", "CLIP_CONTEXT_LENGTH", "LONGCLIP_CONTEXT_LENGTH"]
+__all__ = [
+    "CLIP_CONTEXT_LENGTH",
+    "LONGCLIP_CONTEXT_LENGTH",
+    "LONGCLIP_LOGIT_SCALE",
+    "LongCLIPConfig",
+    "stretched_length",
+    "validate_stretch",
+]

@@ -1,50 +1,29 @@
-"""MulCLIP: multi-level alignment for fine-grained long-context CLIP (Truong et al., arXiv 2512.07128).
-
-Training-time extras on a Long-CLIP backbone:
-
-* **global**: ``L_global = w_long · InfoNCE(CLS, long caption) + w_short · InfoNCE(CLS, summary caption)``;
-* **local token calibration**: calibrated visual tokens ``v'`` (from the projected patch tokens) and text tokens
-  ``t'`` (from the projected word tokens), one `TokenAggregation` head (FineLIP's ATRM) per modality;
-* **word level** ``L_word``: within each sample, every ``v'`` token rebuilt by attention over ``t'`` (and vice
-  versa) must match its own reconstruction (token-level InfoNCE);
-* **subcaption level** ``L_sub``: each sentence of the long caption aggregates its image's calibrated tokens by
-  attention to its EOT embedding; the aggregate is contrasted with the sentence over the batch.
-
-``L = global_loss_weight · L_global + word_loss_weight · L_word + sub_loss_weight · L_sub``. At inference only the
-CLS / EOT embeddings are used, so a trained MulCLIP exports to a stock `CLIPModel` (248 text positions).
-
-This file is copied next to saved models for ``trust_remote_code`` loading: it imports only torch, transformers
-and sibling files of this folder.
-"""
+"""MulCLIP (Truong et al., arXiv 2512.07128): Long-CLIP plus token calibration heads trained with global, word-level and
+subcaption-level alignment. See docs/mulclip.md."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoConfig, CLIPModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling
-from transformers.utils import ModelOutput
 
-from .configuration_longclip import LongCLIPConfig
 from .configuration_mulclip import MulCLIPConfig
-from .losses import local_contrastive_loss
-from .modeling_longclip import LongCLIPModel
-from .mulclip_losses import aggregate_by_subcaption, subcaption_contrastive_loss, word_reconstruction_loss
+from .losses_common import local_contrastive_loss
+from .losses_mulclip import aggregate_by_subcaption, subcaption_contrastive_loss, word_reconstruction_loss
+from .modeling_longclip import CLIPVariantOutput, LongCLIPModel
 from .token_aggregation import TokenAggregation
 
 
 @dataclass
-class MulCLIPOutput(ModelOutput):
+class MulCLIPOutput(CLIPVariantOutput):
     """
-    Output of [`MulCLIPModel.forward`].
+    Output of [`MulCLIPModel.forward`]: the fields of [`CLIPVariantOutput`] (``loss`` is
+    ``global_loss_weight · loss_global + word_loss_weight · loss_word + sub_loss_weight · loss_sub``), then
 
     Args:
-        loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `return_loss=True`):
-            ``global_loss_weight · loss_global + word_loss_weight · loss_word + sub_loss_weight · loss_sub``.
         loss_global (`torch.FloatTensor` of shape `()`, *optional*):
             ``long_loss_weight · loss_long + short_loss_weight · loss_summary``.
         loss_long (`torch.FloatTensor` of shape `()`, *optional*): InfoNCE(CLS, long caption EOT).
@@ -55,11 +34,6 @@ class MulCLIPOutput(ModelOutput):
         loss_word_text (`torch.FloatTensor` of shape `()`, *optional*): reconstruction loss of the text tokens.
         loss_sub (`torch.FloatTensor` of shape `()`, *optional*): subcaption-aggregated patch loss; present when
             subcaptions were given.
-        logits_per_image (`torch.FloatTensor` of shape `(image_batch_size, text_batch_size)`):
-            Scaled cosine similarities of images and long captions.
-        logits_per_text (`torch.FloatTensor` of shape `(text_batch_size, image_batch_size)`): the transpose.
-        text_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim)`): normalised long-caption EOT embeddings.
-        image_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim)`): normalised CLS embeddings.
         short_text_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim)`, *optional*):
             normalised summary-caption embeddings.
         calibrated_image_tokens (`torch.FloatTensor` of shape `(batch_size, N_v, projection_dim)`): ``v'``.
@@ -68,11 +42,8 @@ class MulCLIPOutput(ModelOutput):
             normalised subcaption embeddings (zero rows at padded slots).
         subcaption_image_embeds (`torch.FloatTensor` of shape `(batch_size, M, projection_dim)`, *optional*):
             normalised subcaption-aggregated patches ``v̄``.
-        text_model_output (`BaseModelOutputWithPooling`): text encoder output for the long captions.
-        vision_model_output (`BaseModelOutputWithPooling`): image encoder output.
     """
 
-    loss: torch.FloatTensor | None = None
     loss_global: torch.FloatTensor | None = None
     loss_long: torch.FloatTensor | None = None
     loss_summary: torch.FloatTensor | None = None
@@ -80,20 +51,11 @@ class MulCLIPOutput(ModelOutput):
     loss_word_image: torch.FloatTensor | None = None
     loss_word_text: torch.FloatTensor | None = None
     loss_sub: torch.FloatTensor | None = None
-    logits_per_image: torch.FloatTensor | None = None
-    logits_per_text: torch.FloatTensor | None = None
-    text_embeds: torch.FloatTensor | None = None
-    image_embeds: torch.FloatTensor | None = None
     short_text_embeds: torch.FloatTensor | None = None
     calibrated_image_tokens: torch.FloatTensor | None = None
     calibrated_text_tokens: torch.FloatTensor | None = None
     subcaption_embeds: torch.FloatTensor | None = None
     subcaption_image_embeds: torch.FloatTensor | None = None
-    text_model_output: BaseModelOutputWithPooling | None = None
-    vision_model_output: BaseModelOutputWithPooling | None = None
-
-    def to_tuple(self) -> tuple[Any, ...]:
-        return tuple(v.to_tuple() if isinstance(v, ModelOutput) else v for v in (self[k] for k in self.keys()))
 
 
 class MulCLIPModel(LongCLIPModel):
@@ -123,6 +85,7 @@ class MulCLIPModel(LongCLIPModel):
     config_class = MulCLIPConfig
     config: MulCLIPConfig
     _no_split_modules = [*(getattr(LongCLIPModel, "_no_split_modules", None) or []), "TokenAggregation"]
+    head_modules: ClassVar[tuple[str, ...]] = ("visual_calibration", "text_calibration")
 
     def __init__(self, config: MulCLIPConfig):
         super().__init__(config)
@@ -136,13 +99,11 @@ class MulCLIPModel(LongCLIPModel):
         super()._init_weights(module)
         # Children are initialised before their parent: this replaces the generic init for the heads' layers.
         if isinstance(module, TokenAggregation):
-            for layer in (module.norm, module.fc1, module.fc2):
-                layer.reset_parameters()
-            module.scale.fill_(1.0)
+            module.reset_parameters(self.config.initializer_factor)
 
     # ------------------------------------------------------------------ token features
     def image_tokens(
-        self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False
+        self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False, **tower_kwargs
     ) -> tuple[torch.Tensor, torch.Tensor, BaseModelOutputWithPooling]:
         """Projected CLS embedding and projected patch tokens from one vision pass.
 
@@ -150,7 +111,9 @@ class MulCLIPModel(LongCLIPModel):
             `(cls_embeds (B, D), patch_tokens (B, P, D), vision_outputs)`; the CLS embedding equals
             `get_image_features(...).pooler_output`.
         """
-        outputs = self.vision_model(pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+        outputs = self.vision_model(
+            pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, return_dict=True, **tower_kwargs
+        )
         tokens = self.visual_projection(self.vision_model.post_layernorm(outputs.last_hidden_state))
         return tokens[:, 0], tokens[:, 1:], outputs
 
@@ -159,6 +122,7 @@ class MulCLIPModel(LongCLIPModel):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        **tower_kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, BaseModelOutputWithPooling]:
         """Projected EOT embedding, projected token features and the mask of tokens the text calibration sees.
 
@@ -168,12 +132,14 @@ class MulCLIPModel(LongCLIPModel):
         Returns:
             `(eot_embeds (B, D), token_features (B, L, D), calibration_mask (B, L) bool, text_outputs)`.
         """
-        outputs = self.text_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        outputs = self.text_model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, return_dict=True, **tower_kwargs
+        )
         tokens = self.text_projection(outputs.last_hidden_state)
         eot_embeds = self.text_projection(outputs.pooler_output)
-        batch, length = input_ids.shape
+        length = input_ids.shape[1]
         positions = torch.arange(length, device=input_ids.device)
-        eot_index = self._eot_index(input_ids, attention_mask)
+        eot_index = self.text_eot_index(input_ids, attention_mask)
         if self.config.calibration_text_special_tokens:
             mask = positions[None, :] <= eot_index[:, None]
         else:
@@ -181,17 +147,6 @@ class MulCLIPModel(LongCLIPModel):
         if attention_mask is not None:
             mask = mask & attention_mask.to(torch.bool)
         return eot_embeds, tokens, mask, outputs
-
-    def _eot_index(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        """Position of each row's end-of-text token (the last real token of a right-padded row)."""
-        if attention_mask is not None:
-            return attention_mask.to(torch.long).sum(-1).clamp(min=1) - 1
-        eos = self.config.text_config.eos_token_id
-        # Legacy OpenAI configs say 2 and pool at argmax(ids); their real end-of-text id is the largest one.
-        if eos in (None, 2):
-            return input_ids.argmax(-1)
-        is_eos = input_ids == eos
-        return torch.where(is_eos.any(-1), is_eos.int().argmax(-1), input_ids.shape[1] - 1)
 
     def encode_subcaptions(
         self,
@@ -228,7 +183,7 @@ class MulCLIPModel(LongCLIPModel):
         if attn is not None:
             length = int(attn.to(torch.long).sum(-1).max().clamp(min=1))
             ids, attn = ids[:, :length], attn[:, :length]
-        features = self.get_text_features(input_ids=ids, attention_mask=attn).pooler_output
+        features = self.get_text_features(input_ids=ids, attention_mask=attn, return_dict=True).pooler_output
         embeds = embeds.masked_scatter(mask[..., None], F.normalize(features, dim=-1).to(embeds.dtype))
         return embeds, mask
 
@@ -252,8 +207,9 @@ class MulCLIPModel(LongCLIPModel):
         position_ids: torch.LongTensor | None = None,
         return_loss: bool | None = None,
         interpolate_pos_encoding: bool = False,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | list[int] | None = None,
         return_dict: bool | None = None,
-        **kwargs,
     ) -> MulCLIPOutput | tuple:
         r"""
         Args:
@@ -268,6 +224,7 @@ class MulCLIPModel(LongCLIPModel):
             subcaption_attention_mask (`torch.Tensor` of shape `(batch_size, M, sub_len)`, *optional*).
             subcaption_mask (`torch.Tensor` of shape `(batch_size, M)`, *optional*): True for real subcaptions.
             return_loss (`bool`, *optional*): compute MulCLIP's loss.
+            output_attentions, output_hidden_states, return_dict: as in [`LongCLIPModel.forward`].
 
         Returns:
             [`MulCLIPOutput`]
@@ -283,13 +240,12 @@ class MulCLIPModel(LongCLIPModel):
             subcaption_mask=subcaption_mask,
             position_ids=position_ids,
             interpolate_pos_encoding=interpolate_pos_encoding,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
             calibrate=bool(return_loss),
             keep_outputs=True,
         )
-        output = self.loss_from_features(features, return_loss=bool(return_loss))
-        if return_dict is False:
-            return output.to_tuple()
-        return output
+        return self._return(self.loss_from_features(features, return_loss=bool(return_loss)), return_dict)
 
     # ------------------------------------------------------------------ two-stage training interface
     def loss_features(
@@ -304,24 +260,22 @@ class MulCLIPModel(LongCLIPModel):
         subcaption_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         interpolate_pos_encoding: bool = False,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | list[int] | None = None,
         calibrate: bool = True,
         keep_outputs: bool = False,
-        **kwargs,
     ) -> dict[str, Any]:
         """Per-sample features of the loss (see `LongCLIPModel.loss_features`): normalised global embeddings, the
         calibrated token sets with the per-sample ``word_sample_mask``, and the subcaption embeddings with their
         aggregated image embeddings and slot mask. Everything here is computed inside each sample; the batch-wise
         terms are formed in `loss_from_features`."""
-        if input_ids is None or pixel_values is None:
-            raise ValueError("MulCLIPModel.forward needs both input_ids and pixel_values")
-        if input_ids.shape[-1] > self.config.text_config.max_position_embeddings:
-            raise ValueError(
-                f"captions have {input_ids.shape[-1]} tokens but the text encoder reads at most "
-                f"{self.config.text_config.max_position_embeddings}; tokenise with truncation"
-            )
+        self._require_inputs(input_ids, pixel_values)
         cfg = self.config
-        cls_embeds, patch_tokens, vision_outputs = self.image_tokens(pixel_values, interpolate_pos_encoding)
-        eot_embeds, token_features, word_mask, text_outputs = self.text_tokens(input_ids, attention_mask, position_ids)
+        towers = self.tower_kwargs(output_attentions, output_hidden_states)
+        cls_embeds, patch_tokens, vision_outputs = self.image_tokens(pixel_values, interpolate_pos_encoding, **towers)
+        eot_embeds, token_features, word_mask, text_outputs = self.text_tokens(
+            input_ids, attention_mask, position_ids, **towers
+        )
         features: dict[str, Any] = {
             "image_embeds": F.normalize(cls_embeds, dim=-1),
             "text_embeds": F.normalize(eot_embeds, dim=-1),
@@ -347,10 +301,12 @@ class MulCLIPModel(LongCLIPModel):
                 ),
             )
         if keep_outputs:
+            vision_outputs.pooler_output = cls_embeds
+            text_outputs.pooler_output = eot_embeds
             features.update(vision_model_output=vision_outputs, text_model_output=text_outputs)
         return features
 
-    def loss_from_features(self, features: dict[str, Any], return_loss: bool = True, **kwargs) -> MulCLIPOutput:
+    def loss_from_features(self, features: dict[str, Any], return_loss: bool = True) -> MulCLIPOutput:
         """Logits and (with `return_loss`) MulCLIP's loss from `loss_features` output (possibly concatenated over
         micro-batches)."""
         cfg = self.config
@@ -360,16 +316,11 @@ class MulCLIPModel(LongCLIPModel):
         calibrated_text = features.get("calibrated_text_tokens")
         sub_embeds = features.get("subcaption_embeds")
         sub_image_embeds = features.get("subcaption_image_embeds")
-        logits_per_text = self.logit_scale.exp() * text_embeds @ image_embeds.t()
 
         loss = loss_global = loss_long = loss_summary = None
         loss_word = loss_word_image = loss_word_text = loss_sub = None
         if return_loss:
-            if image_embeds.shape[0] != text_embeds.shape[0]:
-                raise ValueError(
-                    f"the loss pairs image i with caption i: got {image_embeds.shape[0]} images and "
-                    f"{text_embeds.shape[0]} captions"
-                )
+            self._require_pairs(image_embeds, text_embeds)
             if calibrated_image is None:
                 raise ValueError("the MulCLIP loss needs the calibrated tokens (loss_features(..., calibrate=True))")
             loss_long = local_contrastive_loss(image_embeds, text_embeds, self.logit_scale, cfg.label_smoothing)
@@ -399,6 +350,7 @@ class MulCLIPModel(LongCLIPModel):
 
         return MulCLIPOutput(
             loss=loss,
+            **self.clip_outputs(features),
             loss_global=loss_global,
             loss_long=loss_long,
             loss_summary=loss_summary,
@@ -406,75 +358,12 @@ class MulCLIPModel(LongCLIPModel):
             loss_word_image=loss_word_image,
             loss_word_text=loss_word_text,
             loss_sub=loss_sub,
-            logits_per_image=logits_per_text.t(),
-            logits_per_text=logits_per_text,
-            text_embeds=text_embeds,
-            image_embeds=image_embeds,
             short_text_embeds=short_embeds,
             calibrated_image_tokens=calibrated_image,
             calibrated_text_tokens=calibrated_text,
             subcaption_embeds=sub_embeds,
             subcaption_image_embeds=sub_image_embeds,
-            text_model_output=features.get("text_model_output"),
-            vision_model_output=features.get("vision_model_output"),
         )
-
-    # ------------------------------------------------------------------ construction
-    @classmethod
-    def config_from_clip(cls, clip_config, **overrides) -> MulCLIPConfig:
-        """A `MulCLIPConfig` with the towers of a stock `CLIPConfig`; `overrides` set Long-CLIP / MulCLIP fields."""
-        own = {k: overrides.pop(k) for k in list(overrides) if k in _MULCLIP_FIELDS}
-        base = LongCLIPModel.config_from_clip(clip_config, **overrides)
-        return _mulclip_config_from(base, **own)
-
-    @classmethod
-    def from_clip(
-        cls,
-        clip: str | os.PathLike | CLIPModel,
-        position_keep: int = 20,
-        position_ratio: int = 4,
-        reset_logit_scale: bool = True,
-        **kwargs,
-    ) -> MulCLIPModel:
-        """Build a MulCLIP from a stock CLIP (Hub id, folder or `CLIPModel`): stretch the text positions as Long-CLIP
-        does and add freshly initialised calibration heads. A folder holding a saved MulCLIP is loaded as it is.
-        MulCLIP config fields (e.g. ``sub_top_k=8``, ``short_loss_weight=0.5``) may be passed as keyword arguments;
-        MulCLIP's own defaults replace Long-CLIP's for ``short_loss_weight`` and ``label_smoothing``."""
-        own = {k: kwargs.pop(k) for k in list(kwargs) if k in _MULCLIP_FIELDS}
-        if isinstance(clip, (str, os.PathLike)):
-            hub_kwargs = {k: kwargs[k] for k in ("revision", "cache_dir", "local_files_only", "token") if k in kwargs}
-            source_config = AutoConfig.from_pretrained(clip, **hub_kwargs)
-            if getattr(source_config, "model_type", None) == MulCLIPConfig.model_type:
-                return cls.from_pretrained(clip, **kwargs, **own)
-        backbone = LongCLIPModel.from_clip(clip, position_keep, position_ratio, reset_logit_scale, **kwargs)
-        model = cls(_mulclip_config_from(backbone.config, **own)).to(dtype=backbone.dtype)
-        missing, unexpected = model.load_state_dict(backbone.state_dict(), strict=False)
-        if unexpected or any(not key.startswith(("visual_calibration.", "text_calibration.")) for key in missing):
-            raise RuntimeError(f"unexpected backbone keys {unexpected} / missing {missing}")
-        return model.eval()
-
-
-# Fields a MulCLIP config sets beyond the towers and the stretch geometry (includes the re-defaulted loss fields).
-_MULCLIP_FIELDS = (frozenset(MulCLIPConfig.__dataclass_fields__) - frozenset(LongCLIPConfig.__dataclass_fields__)) | {
-    "long_loss_weight",
-    "short_loss_weight",
-    "label_smoothing",
-}
-
-
-def _mulclip_config_from(config: LongCLIPConfig, **fields) -> MulCLIPConfig:
-    """A `MulCLIPConfig` with the towers and stretch geometry of a Long-CLIP config (MulCLIP defaults elsewhere)."""
-    return MulCLIPConfig(
-        text_config=config.text_config.to_dict(),
-        vision_config=config.vision_config.to_dict(),
-        projection_dim=config.projection_dim,
-        logit_scale_init_value=config.logit_scale_init_value,
-        source_max_position_embeddings=config.source_max_position_embeddings,
-        position_keep=config.position_keep,
-        position_ratio=config.position_ratio,
-        freeze_kept_positions=config.freeze_kept_positions,
-        **fields,
-    )
 
 
 __all__ = ["MulCLIPModel", "MulCLIPOutput"]

@@ -1,50 +1,26 @@
-"""Fix-CLIP: dual-branch training, regional prompts with a one-way attention mask, hierarchical layer-group alignment.
+"""Fix-CLIP (Wang et al., ICCV 2025): Long-CLIP plus a masked short-caption branch, regional prompts under a one-way
+attention mask, and hierarchical alignment of layer groups. No code of the authors exists; every open choice is a
+`FixCLIPConfig` field. See docs/fixclip.md.
 
-Fix-CLIP (Wang et al., ICCV 2025) fine-tunes a Long-CLIP-stretched CLIP with three additions:
-
-1. **Dual branch.** The short caption is contrasted with the image whose patch embeddings are ~75 % replaced by one
-   learnable, zero-initialised mask token (``L_short``); the long caption with the full image (``L_long``).
-2. **Regional prompts.** ``M`` learnable tokens, fresh per prompted image-encoder layer, appended after the patch
-   tokens. A one-way attention mask lets CLS see everything, patches see CLS and patches only, and prompt ``j`` see
-   itself and its region (a contiguous run of ``floor(N / M)`` patches). The mask is an additive float mask handed to
-   transformers' own ``CLIPEncoderLayer`` (so the SDPA and eager kernels both apply it). Within a layer patch tokens
-   never see prompts; across layers they see them through CLS (``isolate_patches_from_prompts`` removes that). The
-   prompts stay in the tower at inference.
-3. **Hierarchical alignment.** The per-layer CLS (image) and EOT (text) tokens are split into ``G`` groups of
-   consecutive layers, Gaussian-weighted inside each group (Group Token Aggregation), projected by a Linear +
-   LayerNorm head per group and modality (Group Middle Features) and contrasted for groups ``K..G``.
-
-Total loss: ``Σ_{i=K..G} ω_i L_m_i + long_loss_weight * L_long + short_loss_weight * L_short``.
-
-No code of the authors exists; every choice the public text leaves open is a `FixCLIPConfig` field.
-
-Module names and state-dict keys of the shared weights are CLIP's (``vision_model.*``, ``text_model.*``, ...). The
-image tower, however, is not a stock ``CLIPVisionModel`` once prompts are on: ``model.vision_model(...)`` called
-directly runs *without* prompts. Use `get_image_features` / `encode_image` / `image_tower` instead.
-
-This file is copied next to saved models for ``trust_remote_code`` loading: it imports only torch, transformers
-and sibling files of this folder.
-"""
+The image tower is not a stock ``CLIPVisionModel`` once prompts are on: ``model.vision_model(...)`` called directly
+runs *without* prompts; use `get_image_features` / `encode_image` / `image_tower`."""
 
 from __future__ import annotations
 
 import math
-import os
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, CLIPModel, initialization as init
+from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPooling
-from transformers.utils import ModelOutput
 
 from .configuration_fixclip import FixCLIPConfig
-from .configuration_longclip import LongCLIPConfig
-from .losses import local_contrastive_loss
-from .modeling_longclip import LongCLIPModel
+from .losses_common import local_contrastive_loss
+from .losses_fixclip import gaussian_group_weights, group_token_aggregation, hierarchical_alignment_loss
+from .modeling_longclip import CLIPVariantOutput, EncoderRecorder, LongCLIPModel, resolve_output_flags
 
 # Attention kernels that take an arbitrary additive float mask through transformers' attention interface.
 _MASKABLE_ATTENTION = ("eager", "sdpa")
@@ -119,86 +95,6 @@ def regional_attention_mask(
     return mask[None, None]
 
 
-# ---------------------------------------------------------------------------------------------- group aggregation
-def gaussian_group_weights(
-    group_size: int, center: float = 1.0, sigma: float = 1.0, normalize: bool = True, dtype=torch.float32
-) -> torch.Tensor:
-    """Gaussian layer weights inside a group of ``S`` layers (Group Token Aggregation).
-
-    ``w_j = exp(-(j - μ)^2 / (2 σ^2))`` for ``j = 1..S`` with ``μ = 1 + center * (S - 1)`` (``center = 1`` puts the
-    peak on the group's deepest layer: the stated ``Gaussian(j; S, 1)``), divided by their sum when ``normalize``.
-
-    Returns:
-        `torch.Tensor` of shape `(S,)`.
-    """
-    if group_size < 1:
-        raise ValueError(f"group_size must be >= 1, got {group_size}")
-    positions = torch.arange(1, group_size + 1, dtype=torch.float64)
-    mu = 1.0 + center * (group_size - 1)
-    weights = torch.exp(-((positions - mu) ** 2) / (2.0 * sigma**2))
-    if normalize:
-        weights = weights / weights.sum()
-    return weights.to(dtype)
-
-
-def group_token_aggregation(per_layer: torch.Tensor, num_groups: int, weights: torch.Tensor) -> torch.Tensor:
-    """Split ``L`` per-layer tokens into ``G`` groups of ``S = L / G`` consecutive layers and take each group's
-    weighted sum.
-
-    Args:
-        per_layer (`torch.Tensor` of shape `(batch, L, dim)`): one token per layer, shallowest first.
-        num_groups (`int`): ``G``; must divide ``L``.
-        weights (`torch.Tensor` of shape `(S,)`): per-position weights inside a group.
-
-    Returns:
-        `torch.Tensor` of shape `(batch, G, dim)`.
-    """
-    batch, layers, dim = per_layer.shape
-    if layers % num_groups:
-        raise ValueError(f"{num_groups} groups do not divide {layers} layers")
-    size = layers // num_groups
-    if weights.shape != (size,):
-        raise ValueError(f"expected {size} group weights, got shape {tuple(weights.shape)}")
-    grouped = per_layer.reshape(batch, num_groups, size, dim)
-    return torch.einsum("bgsd,s->bgd", grouped, weights.to(per_layer.dtype))
-
-
-def hierarchical_alignment_loss(
-    image_groups: Sequence[torch.Tensor | None],
-    text_groups: Sequence[torch.Tensor | None],
-    start_group: int,
-    weights: Sequence[float],
-    logit_scale: torch.Tensor,
-    label_smoothing: float = 0.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``Σ_{i=K..G} ω_i InfoNCE(image_i, text_i)``; groups shallower than ``K`` are ignored (may be None).
-
-    Args:
-        image_groups, text_groups: ``G`` entries each, entry ``i - 1`` the L2-normalised group-``i`` features
-            `(batch, dim)` of that modality.
-        start_group (`int`): ``K``, 1-based.
-        weights: ``ω_K..ω_G`` (``G - K + 1`` values).
-        logit_scale (`torch.Tensor`): log of the inverse temperature.
-
-    Returns:
-        ``(total, per_group)`` with ``per_group`` of shape `(G - K + 1,)` (unweighted ``L_m_K..L_m_G``).
-    """
-    num_groups = len(image_groups)
-    if len(text_groups) != num_groups:
-        raise ValueError(f"{num_groups} image groups but {len(text_groups)} text groups")
-    if not 1 <= start_group <= num_groups:
-        raise ValueError(f"start_group must be in [1, {num_groups}], got {start_group}")
-    if len(weights) != num_groups - start_group + 1:
-        raise ValueError(f"need {num_groups - start_group + 1} weights, got {len(weights)}")
-    terms = [
-        local_contrastive_loss(image_groups[i], text_groups[i], logit_scale, label_smoothing)
-        for i in range(start_group - 1, num_groups)
-    ]
-    per_group = torch.stack(terms)
-    total = sum(w * t for w, t in zip(weights, terms))
-    return total, per_group
-
-
 # ---------------------------------------------------------------------------------------------- modules
 class FixCLIPRegionalPrompts(nn.Module):
     """Fresh learnable prompts for each prompted image-encoder layer: ``prompts`` `(num_prompted_layers, M, dim)`."""
@@ -225,72 +121,55 @@ class FixCLIPGroupHead(nn.Module):
 
 
 @dataclass
-class FixCLIPImageTowerOutput(ModelOutput):
+class FixCLIPImageTowerOutput(BaseModelOutputWithPooling):
     """
-    Output of [`FixCLIPModel.image_tower`].
+    Output of [`FixCLIPModel.image_tower`]: a `BaseModelOutputWithPooling` whose token tensors hold CLS and patches only
+    (prompts removed; with ``isolate_patches_from_prompts`` the CLS slot holds the prompted CLS), plus
 
     Args:
-        last_hidden_state (`torch.FloatTensor` of shape `(batch, 1 + num_patches, hidden)`):
-            CLS and patch tokens after the last layer (before ``post_layernorm``; prompts removed; with
-            ``isolate_patches_from_prompts`` the CLS slot holds the prompted CLS).
-        pooler_output (`torch.FloatTensor` of shape `(batch, hidden)`): ``post_layernorm`` of the final CLS.
         layer_cls (`torch.FloatTensor` of shape `(batch, num_layers, hidden)`, *optional*):
             The CLS token after every encoder layer (shallowest first), when asked for.
         prompt_states (`torch.FloatTensor` of shape `(batch, M, hidden)`, *optional*):
             The prompt tokens after the last layer (None without prompts).
+
+    ``attentions`` (eager kernel) are the full maps, prompts included: `(batch, heads, T, T)`.
     """
 
-    last_hidden_state: torch.FloatTensor | None = None
-    pooler_output: torch.FloatTensor | None = None
     layer_cls: torch.FloatTensor | None = None
     prompt_states: torch.FloatTensor | None = None
 
 
 @dataclass
-class FixCLIPOutput(ModelOutput):
+class FixCLIPOutput(CLIPVariantOutput):
     """
-    Output of [`FixCLIPModel.forward`].
+    Output of [`FixCLIPModel.forward`]: the fields of [`CLIPVariantOutput`] (``loss`` is
+    ``long_loss_weight * loss_long + short_loss_weight * loss_short + loss_hierarchical``; ``vision_model_output`` is
+    the prompted tower's [`FixCLIPImageTowerOutput`]), then
 
     Args:
-        loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `return_loss=True`):
-            ``long_loss_weight * loss_long + short_loss_weight * loss_short + loss_hierarchical``.
         loss_long (`torch.FloatTensor` of shape `()`, *optional*): InfoNCE, full image vs long caption.
         loss_short (`torch.FloatTensor` of shape `()`, *optional*): InfoNCE, masked image vs short caption
             (present when short captions were given).
         loss_hierarchical (`torch.FloatTensor` of shape `()`, *optional*): ``Σ_{i=K..G} ω_i L_m_i``.
-        loss_groups (`torch.FloatTensor` of shape `(G - K + 1,)`, *optional*): the unweighted ``L_m_K..L_m_G``.
-        logits_per_image (`torch.FloatTensor` of shape `(image_batch_size, text_batch_size)`):
-            Scaled cosine similarities of full images (rows) and long captions (columns).
-        logits_per_text (`torch.FloatTensor` of shape `(text_batch_size, image_batch_size)`): the transpose.
-        text_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim)`): normalised long-caption embeddings.
-        image_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim)`): normalised full-image embeddings.
         short_text_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim)`, *optional*):
             Normalised short-caption embeddings.
         masked_image_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim)`, *optional*):
             Normalised embeddings of the masked images (short branch).
-        patch_mask (`torch.BoolTensor` of shape `(batch_size, num_patches)`, *optional*):
-            The patches the short branch replaced by the mask token.
-        text_model_output (`BaseModelOutputWithPooling`): text encoder output for the long captions.
-        vision_model_output (`FixCLIPImageTowerOutput`): prompted image tower output for the full images.
+
+    Attributes (not outputs):
+        extra_loss_terms (`dict[str, torch.FloatTensor]`): the unweighted group terms ``L_m_i`` as ``loss_group_<i>``
+            for ``i = K..G`` (their number depends on the config); `loss_terms()` includes them.
+        patch_mask (`torch.BoolTensor` of shape `(batch_size, num_patches)`, *optional*): the patches the short branch
+            replaced by the mask token.
     """
 
-    loss: torch.FloatTensor | None = None
     loss_long: torch.FloatTensor | None = None
     loss_short: torch.FloatTensor | None = None
     loss_hierarchical: torch.FloatTensor | None = None
-    loss_groups: torch.FloatTensor | None = None
-    logits_per_image: torch.FloatTensor | None = None
-    logits_per_text: torch.FloatTensor | None = None
-    text_embeds: torch.FloatTensor | None = None
-    image_embeds: torch.FloatTensor | None = None
     short_text_embeds: torch.FloatTensor | None = None
     masked_image_embeds: torch.FloatTensor | None = None
-    patch_mask: torch.BoolTensor | None = None
-    text_model_output: BaseModelOutputWithPooling | None = None
-    vision_model_output: FixCLIPImageTowerOutput | None = None
 
-    def to_tuple(self) -> tuple[Any, ...]:
-        return tuple(v.to_tuple() if isinstance(v, ModelOutput) else v for v in super().to_tuple())
+    patch_mask: ClassVar[torch.BoolTensor | None] = None
 
 
 def random_patch_mask(
@@ -333,10 +212,12 @@ class FixCLIPModel(LongCLIPModel):
     ``forward`` logits) runs the prompted tower on the full image: CLS depends on the prompts. The mask token and the
     group heads are training-only. `to_text_model` exports a stock ``CLIPTextModel``; `to_clip_model` and
     `to_vision_model` raise, because a prompted image tower has no stock equivalent (they work when
-    ``regional_prompts=False``).
+    ``regional_prompts=False``). The prompts need an attention kernel that takes an additive mask (eager or SDPA).
 
     Training inputs (build them with `FixCLIPCollator`): ``pixel_values``, long captions (``input_ids``,
-    ``attention_mask``) and short captions (``short_input_ids``, ``short_attention_mask``).
+    ``attention_mask``) and short captions (``short_input_ids``, ``short_attention_mask``). A loss step without short
+    captions does not reach the mask token; it then gets an exact zero gradient, so DDP needs no unused-parameter
+    search.
 
     Example:
 
@@ -347,7 +228,7 @@ class FixCLIPModel(LongCLIPModel):
     >>> collator = hf_longclip.data.FixCLIPCollator(processor)
     >>> batch = collator([{"image": image, "caption": "A dog on a red sofa. A lamp stands to its left."}])
     >>> out = model(**batch, return_loss=True, mask_generator=0)  # seeded short-branch mask
-    >>> out.loss.backward()  # out.loss_long, out.loss_short, out.loss_groups are logged separately
+    >>> out.loss.backward()  # out.loss_terms(): loss_long, loss_short, loss_hierarchical, loss_group_2 ...
     ```
     """
 
@@ -358,6 +239,14 @@ class FixCLIPModel(LongCLIPModel):
         "FixCLIPRegionalPrompts",
         "FixCLIPGroupHead",
     ]
+    head_modules: ClassVar[tuple[str, ...]] = (
+        "mask_token",
+        "regional_prompts",
+        "vision_group_heads",
+        "text_group_heads",
+        "short_logit_scale",
+        "group_logit_scale",
+    )
 
     def __init__(self, config: FixCLIPConfig):
         super().__init__(config)
@@ -382,17 +271,19 @@ class FixCLIPModel(LongCLIPModel):
             self.group_logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init_value)))
         self._mask_cache: dict[tuple, torch.Tensor] = {}
         self.post_init()
+        self._check_attention_kernel()
 
     @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)
         # Children are initialised before their parent: these replace the generic init for the Fix-CLIP modules.
+        factor = self.config.initializer_factor
         if isinstance(module, FixCLIPRegionalPrompts):
             init.normal_(module.prompts, mean=0.0, std=float(self.config.prompt_init_std))
         elif isinstance(module, FixCLIPGroupHead):
-            # PyTorch's default Linear init (Kaiming-uniform), written through transformers' init helpers.
-            init.kaiming_uniform_(module.proj.weight, a=math.sqrt(5))
-            bound = 1.0 / math.sqrt(module.proj.in_features)
+            # PyTorch's default Linear init (kaiming-uniform bound 1/sqrt(fan_in)), scaled by initializer_factor.
+            bound = factor / math.sqrt(module.proj.in_features)
+            init.uniform_(module.proj.weight, -bound, bound)
             init.uniform_(module.proj.bias, -bound, bound)
             init.ones_(module.norm.weight)
             init.zeros_(module.norm.bias)
@@ -402,6 +293,21 @@ class FixCLIPModel(LongCLIPModel):
             if module.config.separate_logit_scales:
                 init.constant_(module.short_logit_scale, float(module.config.logit_scale_init_value))
                 init.constant_(module.group_logit_scale, float(module.config.logit_scale_init_value))
+
+    def _check_attention_kernel(self) -> None:
+        if self.regional_prompts is None:
+            return
+        implementation = self.config.vision_config._attn_implementation
+        if implementation not in _MASKABLE_ATTENTION:
+            raise ValueError(
+                f"Fix-CLIP's regional prompts need an attention kernel that takes an additive float mask "
+                f"({', '.join(_MASKABLE_ATTENTION)}); the image tower is set to {implementation!r}"
+            )
+
+    def set_attn_implementation(self, attn_implementation):
+        """As transformers', refusing kernels the prompted image tower cannot run (see `_MASKABLE_ATTENTION`)."""
+        super().set_attn_implementation(attn_implementation)
+        self._check_attention_kernel()
 
     # ------------------------------------------------------------------ image tower
     def attention_mask_for(self, num_patches: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -458,6 +364,8 @@ class FixCLIPModel(LongCLIPModel):
         use_prompts: bool = True,
         output_layer_cls: bool = False,
         interpolate_pos_encoding: bool = False,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | list[int] | None = None,
     ) -> FixCLIPImageTowerOutput:
         """Run the image tower with regional prompts (the stock ``vision_model`` submodules, a custom layer loop).
 
@@ -467,64 +375,83 @@ class FixCLIPModel(LongCLIPModel):
                 mask token (the short branch).
             use_prompts (`bool`): insert the regional prompts (ignored without prompts in the config).
             output_layer_cls (`bool`): also return the CLS token after every layer.
+            output_attentions, output_hidden_states (*optional*): as transformers' towers (default: the vision
+                config's); hidden states hold CLS and patches, attention maps include the prompts.
 
         Returns:
             [`FixCLIPImageTowerOutput`].
         """
         vision = self.vision_model
+        output_attentions, output_hidden_states = resolve_output_flags(
+            self.config.vision_config, output_attentions, output_hidden_states
+        )
         hidden = vision.pre_layrnorm(self._embed(pixel_values, patch_mask, interpolate_pos_encoding))
-        batch, seq, dim = hidden.shape
+        batch, seq, _ = hidden.shape
         num_patches = seq - 1
         prompts = self.regional_prompts if use_prompts else None
         if prompts is not None:
-            implementation = self.config.vision_config._attn_implementation
-            if implementation not in _MASKABLE_ATTENTION:
-                raise ValueError(
-                    f"regional prompts need an attention kernel that takes an additive float mask {_MASKABLE_ATTENTION}; "
-                    f"the image tower uses {implementation!r}"
-                )
+            self._check_attention_kernel()
         mask = None
         # With isolate_patches_from_prompts a prompted copy of CLS sits at index `seq` and is the tower's output CLS.
         isolate = prompts is not None and self.config.isolate_patches_from_prompts
         first_prompt = seq + (1 if isolate else 0)
         cls_index = 0
+
+        def visible(states: torch.Tensor) -> torch.Tensor:
+            """CLS (the output CLS) and patch tokens of a hidden state."""
+            if not cls_index:
+                return states[:, :seq]
+            return torch.cat([states[:, cls_index : cls_index + 1], states[:, 1:seq]], dim=1)
+
         layer_cls = []
-        for index, layer in enumerate(vision.encoder.layers):
-            slot = self._prompt_slot.get(index) if prompts is not None else None
-            if slot is not None:
-                fresh = prompts.prompts[slot].to(hidden.dtype).expand(batch, -1, -1)
-                if mask is None:  # first prompted layer: append the prompt slots after the patches
-                    parts = [hidden, hidden[:, :1]] if isolate else [hidden]
-                    hidden = torch.cat([*parts, fresh], dim=1)
-                    mask = self.attention_mask_for(num_patches, hidden.dtype, hidden.device)
-                    cls_index = seq if isolate else 0
-                elif self.config.prompt_depth_mode == "add":
-                    hidden = torch.cat([hidden[:, :first_prompt], hidden[:, first_prompt:] + fresh], dim=1)
-                else:  # "replace": VPT-deep, the previous layer's prompt outputs are dropped
-                    hidden = torch.cat([hidden[:, :first_prompt], fresh], dim=1)
-            hidden = layer(hidden, mask)
-            if output_layer_cls:
-                layer_cls.append(hidden[:, cls_index])
-        tokens = hidden[:, :seq]
-        if cls_index:  # report the prompted CLS in the CLS slot
-            tokens = torch.cat([hidden[:, cls_index : cls_index + 1], tokens[:, 1:]], dim=1)
+        with EncoderRecorder(vision.encoder.layers, output_attentions, output_hidden_states) as recorder:
+            recorder.record(hidden)
+            for index, layer in enumerate(vision.encoder.layers):
+                slot = self._prompt_slot.get(index) if prompts is not None else None
+                if slot is not None:
+                    fresh = prompts.prompts[slot].to(hidden.dtype).expand(batch, -1, -1)
+                    if mask is None:  # first prompted layer: append the prompt slots after the patches
+                        parts = [hidden, hidden[:, :1]] if isolate else [hidden]
+                        hidden = torch.cat([*parts, fresh], dim=1)
+                        mask = self.attention_mask_for(num_patches, hidden.dtype, hidden.device)
+                        cls_index = seq if isolate else 0
+                    elif self.config.prompt_depth_mode == "add":
+                        hidden = torch.cat([hidden[:, :first_prompt], hidden[:, first_prompt:] + fresh], dim=1)
+                    else:  # "replace": VPT-deep, the previous layer's prompt outputs are dropped
+                        hidden = torch.cat([hidden[:, :first_prompt], fresh], dim=1)
+                hidden = layer(hidden, mask)
+                if output_layer_cls:
+                    layer_cls.append(hidden[:, cls_index])
+                recorder.record(visible(hidden) if recorder.hidden_states is not None else hidden)
+        tokens = visible(hidden)
         return FixCLIPImageTowerOutput(
             last_hidden_state=tokens,
             pooler_output=vision.post_layernorm(tokens[:, 0]),
+            **recorder.outputs(),
             layer_cls=torch.stack(layer_cls, dim=1) if output_layer_cls else None,
             prompt_states=hidden[:, first_prompt:] if mask is not None else None,
         )
 
     # ------------------------------------------------------------------ features (prompted tower)
     def get_image_features(
-        self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False, **kwargs
-    ) -> BaseModelOutputWithPooling:
-        """Projected CLS features of the prompted tower: ``pooler_output`` `(batch, projection_dim)`; the
-        ``last_hidden_state`` holds CLS and patch tokens (prompts removed)."""
-        tower = self.image_tower(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
-        return BaseModelOutputWithPooling(
-            last_hidden_state=tower.last_hidden_state, pooler_output=self.visual_projection(tower.pooler_output)
+        self,
+        pixel_values: torch.Tensor,
+        interpolate_pos_encoding: bool = False,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | list[int] | None = None,
+        return_dict: bool | None = None,
+    ) -> FixCLIPImageTowerOutput | tuple:
+        """The prompted tower's output with ``pooler_output`` the projected CLS `(batch, projection_dim)`; its
+        ``last_hidden_state`` holds CLS and patch tokens (prompts removed). A tuple when ``return_dict`` (else
+        ``config.return_dict``) is False, as transformers' `get_image_features`."""
+        tower = self.image_tower(
+            pixel_values,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
         )
+        tower.pooler_output = self.visual_projection(tower.pooler_output)
+        return self._return(tower, return_dict)
 
     def get_image_token_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Every image token (CLS first, prompts excluded) of the prompted tower after ``post_layernorm`` and the
@@ -533,15 +460,28 @@ class FixCLIPModel(LongCLIPModel):
         return self.visual_projection(self.vision_model.post_layernorm(hidden))
 
     def _text_layer_eot(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, **tower_kwargs
     ) -> tuple[BaseModelOutputWithPooling, torch.Tensor]:
         """Text tower output (pooled EOT projected) and the EOT token after every layer `(batch, L, hidden)`."""
-        out = self.text_model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
-        eot = _eot_positions(input_ids, self.text_model.eos_token_id).to(out.last_hidden_state.device)
-        rows = torch.arange(input_ids.shape[0], device=eot.device)
-        layers = torch.stack([h[rows, eot] for h in out.hidden_states[1:]], dim=1)
+        # The per-layer EOT tokens come from hooks on the layers, so the caller's hidden-state selection is untouched.
+        layer_eot = []
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        eot = _eot_positions(input_ids, self.text_model.eos_token_id).to(input_ids.device)
+
+        def record(module, args, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            layer_eot.append(hidden[rows, eot])
+
+        handles = [layer.register_forward_hook(record) for layer in self.text_model.encoder.layers]
+        try:
+            out = self.text_model(
+                input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **tower_kwargs
+            )
+        finally:
+            for handle in handles:
+                handle.remove()
         out.pooler_output = self.text_projection(out.pooler_output)
-        return out, layers
+        return out, torch.stack(layer_eot, dim=1)
 
     def group_features(self, layer_tokens: torch.Tensor, modality: str) -> list[torch.Tensor | None]:
         """Normalised Group Middle Features of groups ``1..G`` (None for the unaligned groups ``< K``).
@@ -579,8 +519,9 @@ class FixCLIPModel(LongCLIPModel):
         patch_mask: torch.Tensor | None = None,
         mask_generator: torch.Generator | int | None = None,
         interpolate_pos_encoding: bool = False,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | list[int] | None = None,
         return_dict: bool | None = None,
-        **kwargs,
     ) -> FixCLIPOutput | tuple:
         r"""
         Args:
@@ -595,6 +536,8 @@ class FixCLIPModel(LongCLIPModel):
                 masked patches; drawn fresh per image (``mask_ratio``) when not given.
             mask_generator (`torch.Generator` or `int`, *optional*): generator or seed of that draw (reproducible
                 masks); None uses torch's global RNG.
+            output_attentions, output_hidden_states, return_dict: as in [`LongCLIPModel.forward`] (the image tower's
+                hidden states hold CLS and patches only).
 
         Returns:
             [`FixCLIPOutput`]
@@ -609,13 +552,12 @@ class FixCLIPModel(LongCLIPModel):
             patch_mask=patch_mask,
             mask_generator=mask_generator,
             interpolate_pos_encoding=interpolate_pos_encoding,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
             for_loss=bool(return_loss),
             keep_outputs=True,
         )
-        output = self.loss_from_features(features, return_loss=bool(return_loss))
-        if return_dict is False:
-            return output.to_tuple()
-        return output
+        return self._return(self.loss_from_features(features, return_loss=bool(return_loss)), return_dict)
 
     # ------------------------------------------------------------------ two-stage training interface
     def loss_features(
@@ -629,30 +571,32 @@ class FixCLIPModel(LongCLIPModel):
         patch_mask: torch.Tensor | None = None,
         mask_generator: torch.Generator | int | None = None,
         interpolate_pos_encoding: bool = False,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | list[int] | None = None,
         for_loss: bool = True,
         keep_outputs: bool = False,
-        **kwargs,
     ) -> dict[str, Any]:
         """Per-sample features of the loss (see `LongCLIPModel.loss_features`): normalised long-branch and
         short-branch embeddings, the short branch's ``patch_mask``, and the per-layer CLS / EOT tokens of the
         branches the hierarchical alignment uses (``image_layer_tokens`` / ``text_layer_tokens``). With
         `for_loss=False` only the long branch runs (no masked pass, no layer tokens)."""
-        if input_ids is None or pixel_values is None:
-            raise ValueError("FixCLIPModel.forward needs both input_ids and pixel_values")
+        self._require_inputs(input_ids, pixel_values)
         cfg = self.config
+        towers = self.tower_kwargs(output_attentions, output_hidden_states)
         want_groups = for_loss and len(cfg.aligned_groups) > 0
         full = self.image_tower(
             pixel_values,
             output_layer_cls=want_groups and cfg.group_image_branch == "full",
             interpolate_pos_encoding=interpolate_pos_encoding,
+            **towers,
         )
         features: dict[str, Any] = {"image_embeds": F.normalize(self.visual_projection(full.pooler_output), dim=-1)}
         group_from_long = want_groups and cfg.group_text_branch == "long"
         if group_from_long:
-            text_outputs, features["text_layer_tokens"] = self._text_layer_eot(input_ids, attention_mask)
+            text_outputs, features["text_layer_tokens"] = self._text_layer_eot(input_ids, attention_mask, **towers)
         else:
             text_outputs = self.get_text_features(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, return_dict=True, **towers
             )
         features["text_embeds"] = F.normalize(text_outputs.pooler_output, dim=-1)
 
@@ -686,6 +630,8 @@ class FixCLIPModel(LongCLIPModel):
                     use_prompts=cfg.prompts_in_masked_branch,
                     output_layer_cls=want_groups and cfg.group_image_branch == "masked",
                     interpolate_pos_encoding=interpolate_pos_encoding,
+                    output_attentions=False,
+                    output_hidden_states=False,
                 )
             features["masked_image_embeds"] = F.normalize(self.visual_projection(masked_tower.pooler_output), dim=-1)
             features["patch_mask"] = masked
@@ -693,25 +639,26 @@ class FixCLIPModel(LongCLIPModel):
             source = full if cfg.group_image_branch == "full" else masked_tower
             features["image_layer_tokens"] = source.layer_cls
         if keep_outputs:
+            full.pooler_output = self.visual_projection(full.pooler_output)
             features.update(vision_model_output=full, text_model_output=text_outputs)
         return features
 
-    def loss_from_features(self, features: dict[str, Any], return_loss: bool = True, **kwargs) -> FixCLIPOutput:
+    def _unreached_parameters(self) -> list[nn.Parameter]:
+        """Trainable parameters that only some loss steps reach (the short branch's mask token and temperature)."""
+        names = ("mask_token", "short_logit_scale", "group_logit_scale")
+        return [p for p in (getattr(self, n, None) for n in names) if p is not None and p.requires_grad]
+
+    def loss_from_features(self, features: dict[str, Any], return_loss: bool = True) -> FixCLIPOutput:
         """Logits and (with `return_loss`) Fix-CLIP's loss from `loss_features` output (possibly concatenated over
         micro-batches)."""
         cfg = self.config
         image_embeds, text_embeds = features["image_embeds"], features["text_embeds"]
         short_embeds = features.get("short_text_embeds")
         masked_embeds = features.get("masked_image_embeds")
-        logits_per_text = self.logit_scale.exp() * text_embeds @ image_embeds.t()
-
-        loss = loss_long = loss_short = loss_hier = loss_groups = None
+        loss = loss_long = loss_short = loss_hier = None
+        group_terms: dict[str, torch.Tensor] = {}
         if return_loss:
-            if image_embeds.shape[0] != text_embeds.shape[0]:
-                raise ValueError(
-                    f"the loss pairs image i with caption i: got {image_embeds.shape[0]} images and "
-                    f"{text_embeds.shape[0]} captions"
-                )
+            self._require_pairs(image_embeds, text_embeds)
             smoothing = float(cfg.label_smoothing)
             loss_long = local_contrastive_loss(image_embeds, text_embeds, self.logit_scale, smoothing)
             loss = cfg.long_loss_weight * loss_long
@@ -721,7 +668,7 @@ class FixCLIPModel(LongCLIPModel):
                 loss = loss + cfg.short_loss_weight * loss_short
             if len(cfg.aligned_groups) > 0 and "image_layer_tokens" in features:
                 scale = self.group_logit_scale if cfg.separate_logit_scales else self.logit_scale
-                loss_hier, loss_groups = hierarchical_alignment_loss(
+                loss_hier, per_group = hierarchical_alignment_loss(
                     self.group_features(features["image_layer_tokens"], "image"),
                     self.group_features(features["text_layer_tokens"], "text"),
                     cfg.group_align_start,
@@ -730,58 +677,22 @@ class FixCLIPModel(LongCLIPModel):
                     smoothing,
                 )
                 loss = loss + loss_hier
-
-        return FixCLIPOutput(
+                group_terms = {f"loss_group_{g}": term for g, term in zip(cfg.aligned_groups, per_group.unbind())}
+            # Zero-weighted: a step without the short branch still gives its parameters an (exactly zero) gradient.
+            for parameter in self._unreached_parameters():
+                loss = loss + 0.0 * parameter.sum()
+        output = FixCLIPOutput(
             loss=loss,
+            **self.clip_outputs(features),
             loss_long=loss_long,
             loss_short=loss_short,
             loss_hierarchical=loss_hier,
-            loss_groups=loss_groups,
-            logits_per_image=logits_per_text.t(),
-            logits_per_text=logits_per_text,
-            text_embeds=text_embeds,
-            image_embeds=image_embeds,
             short_text_embeds=short_embeds,
             masked_image_embeds=masked_embeds,
-            patch_mask=features.get("patch_mask"),
-            text_model_output=features.get("text_model_output"),
-            vision_model_output=features.get("vision_model_output"),
         )
-
-    # ------------------------------------------------------------------ construction
-    @classmethod
-    def config_from_clip(cls, clip_config, **overrides) -> FixCLIPConfig:
-        """A `FixCLIPConfig` with the towers of a stock `CLIPConfig`; `overrides` set Long-CLIP / Fix-CLIP fields."""
-        own = {k: overrides.pop(k) for k in list(overrides) if k in _FIXCLIP_FIELDS}
-        base = LongCLIPModel.config_from_clip(clip_config, **overrides)
-        return _fixclip_config_from(base, **own)
-
-    @classmethod
-    def from_clip(
-        cls,
-        clip: str | os.PathLike | CLIPModel,
-        position_keep: int = 20,
-        position_ratio: int = 4,
-        reset_logit_scale: bool = True,
-        **kwargs,
-    ) -> FixCLIPModel:
-        """Build a Fix-CLIP from a stock CLIP (Hub id, folder or `CLIPModel`): stretch the text positions as
-        Long-CLIP does and add fresh prompts, mask token and group heads. A folder holding a saved Fix-CLIP is loaded
-        as it is. Fix-CLIP config fields (e.g. ``num_groups=4``, ``prompt_layers=[6, 7]``) may be passed as keywords.
-        """
-        own = {k: kwargs.pop(k) for k in list(kwargs) if k in _FIXCLIP_FIELDS}
-        if isinstance(clip, (str, os.PathLike)):
-            hub_kwargs = {k: kwargs[k] for k in ("revision", "cache_dir", "local_files_only", "token") if k in kwargs}
-            source_config = AutoConfig.from_pretrained(clip, **hub_kwargs)
-            if getattr(source_config, "model_type", None) == FixCLIPConfig.model_type:
-                return cls.from_pretrained(clip, **kwargs, **own)
-        backbone = LongCLIPModel.from_clip(clip, position_keep, position_ratio, reset_logit_scale, **kwargs)
-        model = cls(_fixclip_config_from(backbone.config, **own)).to(dtype=backbone.dtype)
-        missing, unexpected = model.load_state_dict(backbone.state_dict(), strict=False)
-        extras = ("mask_token", "regional_prompts.", "vision_group_heads.", "text_group_heads.", "short_logit_scale", "group_logit_scale")
-        if unexpected or any(not key.startswith(extras) for key in missing):
-            raise RuntimeError(f"unexpected backbone keys {unexpected} / missing {missing}")
-        return model.eval()
+        output.extra_loss_terms = group_terms
+        output.patch_mask = features.get("patch_mask")
+        return output
 
     # ------------------------------------------------------------------ export
     def _stock_image_tower_error(self, what: str) -> NotImplementedError:
@@ -793,7 +704,7 @@ class FixCLIPModel(LongCLIPModel):
             "and keep the full FixCLIPModel (save_pretrained / AutoModel) for image features."
         )
 
-    def to_clip_model(self) -> CLIPModel:
+    def to_clip_model(self):
         """A stock `CLIPModel`: only when ``regional_prompts=False`` (the tower is then stock); raises otherwise."""
         if self.regional_prompts is not None:
             raise self._stock_image_tower_error("to_clip_model()")
@@ -814,38 +725,12 @@ def _eot_positions(input_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
     return (ids == eos_token_id).int().argmax(dim=-1)
 
 
-# Fields a Fix-CLIP config sets beyond the towers and the stretch geometry (includes the re-defaulted loss fields).
-_FIXCLIP_FIELDS = (frozenset(FixCLIPConfig.__dataclass_fields__) - frozenset(LongCLIPConfig.__dataclass_fields__)) | {
-    "long_loss_weight",
-    "short_loss_weight",
-    "label_smoothing",
-}
-
-
-def _fixclip_config_from(config: LongCLIPConfig, **fields) -> FixCLIPConfig:
-    """A `FixCLIPConfig` with the towers and stretch geometry of a Long-CLIP config (Fix-CLIP defaults elsewhere)."""
-    return FixCLIPConfig(
-        text_config=config.text_config.to_dict(),
-        vision_config=config.vision_config.to_dict(),
-        projection_dim=config.projection_dim,
-        logit_scale_init_value=config.logit_scale_init_value,
-        source_max_position_embeddings=config.source_max_position_embeddings,
-        position_keep=config.position_keep,
-        position_ratio=config.position_ratio,
-        freeze_kept_positions=config.freeze_kept_positions,
-        **fields,
-    )
-
-
 __all__ = [
     "FixCLIPGroupHead",
     "FixCLIPImageTowerOutput",
     "FixCLIPModel",
     "FixCLIPOutput",
     "FixCLIPRegionalPrompts",
-    "gaussian_group_weights",
-    "group_token_aggregation",
-    "hierarchical_alignment_loss",
     "random_patch_mask",
     "regional_attention_allowed",
     "regional_attention_mask",
