@@ -575,3 +575,25 @@ def test_seeded_augmentation_is_a_function_of_sample_and_epoch(tmp_path):
     assert not all(torch.equal(again[i]["pixel_values"], crops[i]) for i in range(4))
     other_seed = LongCaptionDataset(records, transform, seed=4)
     assert not all(torch.equal(other_seed[i]["pixel_values"], crops[i]) for i in range(4))
+
+
+def test_sharegpt4v_caption_is_the_authors_turn_and_evaluation_reads_the_same(tmp_path):
+    """One reader for training and the ShareGPT4V-1k benchmark: the caption is conversations[1] (what Long-CLIP,
+    FineLIP and beta-CLIP read), even when an earlier turn is also the model's; a file with a system turn first
+    falls back to the first gpt turn instead of training on the human prompt."""
+    from hf_longclip.data.sources import sharegpt4v_caption
+    from hf_longclip.evaluation import read_sharegpt4v_1k
+
+    human = {"from": "human", "value": "<image>\nDescribe it."}
+    assert sharegpt4v_caption([human, {"from": "gpt", "value": "A cat."}]) == "A cat."
+    assert sharegpt4v_caption([{"from": "gpt", "value": "Hello."}, {"from": "gpt", "value": "A cat."}]) == "A cat."
+    assert sharegpt4v_caption([{"from": "system", "value": "x"}, human, {"from": "gpt", "value": "A dog."}]) == "A dog."
+    assert sharegpt4v_caption([human, {"value": "Unlabelled turn."}]) == "Unlabelled turn."
+    assert sharegpt4v_caption([human]) is None and sharegpt4v_caption("not a list") is None
+
+    _sharegpt4v_layout(tmp_path)  # entry 4 has a system turn first
+    training = read_sharegpt4v(tmp_path / "sharegpt4v" / "share-captioner_coco_lcs_sam_1246k_1107.json",
+                               tmp_path / "sharegpt4v", split="holdout", holdout=5)
+    benchmark = read_sharegpt4v_1k(tmp_path, count=5)
+    assert benchmark.texts == [" ".join(r["caption"].split()) for r in training]
+    assert benchmark.texts[4].startswith("Picture number 4") and benchmark.image_paths == [Path(r["image"]) for r in training]

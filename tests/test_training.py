@@ -11,7 +11,8 @@ from hf_longclip import BetaCLIPModel, FineLIPModel, FixCLIPModel, LongCLIPModel
 from hf_longclip.data import BetaCLIPCollator, FineLIPCollator, FixCLIPCollator, LongCLIPCollator, MulCLIPCollator
 from hf_longclip.models.modeling_fixclip import random_patch_mask
 from hf_longclip.testing_utils import tiny_clip, tiny_processor
-from hf_longclip.training.accumulation import cached_accumulation_step, concat_features
+from hf_longclip.features import concat_features
+from hf_longclip.training.accumulation import cached_accumulation_step
 from hf_longclip.training.arguments import load_recipe, parse_training_arguments
 from hf_longclip.training.optim import (
     GroupSchedule,

@@ -38,16 +38,18 @@ def resolve_image_path(image: Any, image_root: str | os.PathLike | None) -> Any:
     return os.path.join(os.fspath(image_root), path)
 
 
-def _first_gpt_turn(conversations: Any) -> Any:
-    """The first ``gpt`` message of a ShareGPT4V conversation (Long-CLIP reads ``conversations[1]``, which is the
-    same message in the released files; looking it up by role survives files with a system turn first)."""
+def sharegpt4v_caption(conversations: Any) -> Any:
+    """The long caption of a ShareGPT4V entry: ``conversations[1]["value"]``, what Long-CLIP, FineLIP and beta-CLIP
+    read (the captioner's answer after the human prompt). If that turn is not the model's (a file with a system turn
+    first), the first ``gpt`` turn instead. None when there is no such turn."""
     if not isinstance(conversations, list):
         return None
+    if len(conversations) > 1 and isinstance(conversations[1], Mapping):
+        if conversations[1].get("from", "gpt") == "gpt":
+            return conversations[1].get("value")
     for turn in conversations:
         if isinstance(turn, Mapping) and turn.get("from") == "gpt":
             return turn.get("value")
-    if len(conversations) > 1 and isinstance(conversations[1], Mapping):
-        return conversations[1].get("value")
     return None
 
 
@@ -60,8 +62,9 @@ def read_sharegpt4v(
     """Read a ShareGPT4V caption file (e.g. ``share-captioner_coco_lcs_sam_1246k_1107.json``).
 
     The file is a JSON list of ``{"id"?, "image": "coco/train2017/...jpg", "conversations": [{"from": "human", ...},
-    {"from": "gpt", "value": LONG_CAPTION}]}``. The long caption is the first ``gpt`` turn with newlines replaced by
-    spaces, as in Long-CLIP; the short caption is left to the dataset (its first sentence).
+    {"from": "gpt", "value": LONG_CAPTION}]}``. The long caption is `sharegpt4v_caption` (``conversations[1]``) with
+    newlines replaced by spaces, as in Long-CLIP; the short caption is left to the dataset (its first sentence). The
+    evaluation reader of ShareGPT4V-1k reads the same file through this function.
 
     Args:
         json_path: the JSON file.
@@ -89,7 +92,7 @@ def read_sharegpt4v(
     records = []
     for index in range(start, stop):
         entry = entries[index] if isinstance(entries[index], Mapping) else {}
-        caption = _first_gpt_turn(entry.get("conversations"))
+        caption = sharegpt4v_caption(entry.get("conversations"))
         if isinstance(caption, str):
             caption = caption.replace("\n", " ")
         records.append(
@@ -383,5 +386,6 @@ __all__ = [
     "open_training_source",
     "read_caption_table",
     "read_sharegpt4v",
+    "sharegpt4v_caption",
     "resolve_image_path",
 ]

@@ -165,19 +165,25 @@ SHAREGPT4V_JSON = "share-captioner_coco_lcs_sam_1246k_1107.json"
 
 
 def read_sharegpt4v_1k(data_root: str | Path, count: int = 1000) -> RetrievalSet:
-    """ShareGPT4V-1k: the first `count` entries of the share-captioner JSON (the split Long-CLIP holds out)."""
+    """ShareGPT4V-1k: the first `count` entries of the share-captioner JSON (the split Long-CLIP holds out), read by
+    the training reader (`hf_longclip.data.read_sharegpt4v`), so evaluation and training take the same caption."""
+    from ..data.sources import read_sharegpt4v
+
     root = Path(data_root)
     base = _require(root / "sharegpt4v", "sharegpt4v-1k", root, "folder")
-    entries = _load_json(base / SHAREGPT4V_JSON, "sharegpt4v-1k", root)
+    json_path = _require(base / SHAREGPT4V_JSON, "sharegpt4v-1k", root)
+    try:
+        records = read_sharegpt4v(json_path, image_root=base, split="holdout", holdout=count)
+    except (ValueError, json.JSONDecodeError) as error:
+        raise BenchmarkLayoutError("sharegpt4v-1k", f"{json_path.name} is not a ShareGPT4V list: {error}", root) from error
     images, texts = [], []
-    for index, entry in enumerate(entries[:count]):
-        try:
-            caption = entry["conversations"][1]["value"]
-            image = entry["image"]
-        except (KeyError, IndexError, TypeError) as error:
-            raise BenchmarkLayoutError("sharegpt4v-1k", f"entry {index} lacks image / conversations[1].value", root) from error
-        images.append(base / image)
-        texts.append(_clean(caption))
+    for record in records:
+        if not isinstance(record["image"], str) or not isinstance(record["caption"], str):
+            raise BenchmarkLayoutError(
+                "sharegpt4v-1k", f"entry {record['id']} lacks an image or a captioner answer (conversations[1])", root
+            )
+        images.append(Path(record["image"]))
+        texts.append(_clean(record["caption"]))
     return RetrievalSet("sharegpt4v-1k", images, texts, list(range(len(images))), split=f"first {len(images)} entries")
 
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..features import concat_features
 from .metrics import DEFAULT_KS, recall_at_k
 from .readers import RetrievalSet
 
@@ -117,23 +118,8 @@ def image_batches(paths: Sequence[str | Path], image_processor, settings: EvalSe
     yield from _progress(loader, len(loader), desc, settings.progress)
 
 
-def _concat_features(chunks: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Concatenate per-batch feature dicts on dim 0; trailing dims that differ (per-batch token lengths) are
-    zero-padded to the largest, which masks padded tokens (masks are 0/False there)."""
-    if not chunks:
-        return {}
-    out = {}
-    for key in chunks[0]:
-        tensors = [chunk[key] for chunk in chunks]
-        shape = [max(t.shape[d] for t in tensors) for d in range(1, tensors[0].dim())]
-        padded = []
-        for tensor in tensors:
-            pad = []
-            for d in reversed(range(1, tensor.dim())):
-                pad += [0, shape[d - 1] - tensor.shape[d]]
-            padded.append(F.pad(tensor, pad) if any(pad) else tensor)
-        out[key] = torch.cat(padded, dim=0)
-    return out
+def _merge(chunks: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return concat_features(chunks)[0] if chunks else {}
 
 
 def _take(features: dict[str, torch.Tensor], index: torch.Tensor | slice) -> dict[str, torch.Tensor]:
@@ -199,7 +185,7 @@ def encode_images(
             features = _image_features(model, pixels.to(device), scoring)
         chunks.append(features)
         kept.extend(indices)
-    return _concat_features(chunks), kept, failed
+    return _merge(chunks), kept, failed
 
 
 def text_length_limit(model, tokenizer) -> int:
@@ -233,7 +219,7 @@ def encode_texts(
             chunks.append(
                 _text_features(model, padded["input_ids"].to(device), padded["attention_mask"].to(device), scoring)
             )
-    features = _concat_features(chunks)
+    features = _merge(chunks)
     inverse = torch.empty(len(order), dtype=torch.long)
     inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
     return _take(features, inverse.to(next(iter(features.values())).device)) if features else features
