@@ -104,14 +104,14 @@ def prepare_tree(src: Path, work: Path, clip_test: Path, variants: dict[str, tup
     return work
 
 
-def run_variant(work: Path, name: str, timeout: int) -> dict:
+def run_variant(work: Path, name: str, timeout: int, slow: bool = False) -> dict:
     """Run CLIPModelTest of one variant module; returns counts and {test: (outcome, message)}."""
     report = work / f"junit-{name}.xml"
     command = [
         sys.executable, "-m", "pytest", f"tests/models/clip/test_modeling_{name}.py::{TESTED_CLASS}",
         "-q", "-p", "no:cacheprovider", "-o", "addopts=", "-W", "ignore", f"--junitxml={report}",
     ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(work)}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(work), "RUN_SLOW": "1" if slow else "0"}
     completed = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=timeout)
     if not report.exists():
         raise SystemExit(f"{name}: pytest wrote no report\n{completed.stdout[-4000:]}\n{completed.stderr[-4000:]}")
@@ -146,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, help="where the test tree is built (default: a temporary folder)")
     parser.add_argument("--show-skips", action="store_true", help="list every skipped test with its reason")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per variant")
+    parser.add_argument("--slow", action="store_true", help="also the tests transformers marks slow (RUN_SLOW=1; the "
+                        "eager-vs-SDPA equivalence grid; the Hub download tests then fail offline for every class)")
     args = parser.parse_args(argv)
 
     known = {"stock": ("CLIPModel", "CLIPConfig", {}), **registered_variants()}
@@ -157,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="hf_longclip_conformance_"))
     prepare_tree(src, work, args.clip_test, {n: known[n] for n in names})
 
-    results = {name: run_variant(work, name, args.timeout) for name in names}
+    results = {name: run_variant(work, name, args.timeout, args.slow) for name in names}
     stock = results["stock"]["outcomes"]
     worse = 0
     print(f"\n{'variant':<10} {'passed':>7} {'failed':>7} {'skipped':>8}   failures stock does not have")
