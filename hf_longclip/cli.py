@@ -1,16 +1,7 @@
-"""The ``hf-longclip`` command.
+"""The ``hf-longclip`` command: the ``convert``, ``stretch``, ``export``, ``evaluate`` and ``push`` sub-commands.
 
-Sub-commands are registered in :data:`SUBCOMMANDS` (name -> function adding its parser); each parser sets
-``handler``, a function taking the parsed namespace and returning an exit status. Add a sub-command by writing
-``_add_<name>(subparsers)`` and listing it there. A handler reports bad input by raising :class:`CommandError`:
-:func:`main` prints it as one ``error: ...`` line on stderr and returns 1 (no traceback).
-
-* ``convert``: the authors' original ``.pt`` checkpoint -> a saved `LongCLIPModel` + `LongCLIPProcessor`.
-* ``stretch``: a stock CLIP (Hub id or folder) -> an untrained variant model (248 text positions) + processor.
-* ``export``: a saved hf_longclip model -> stock transformers ``CLIPModel`` / ``CLIPTextModel`` /
-  ``CLIPTextModelWithProjection`` folders, or the diffusers ``text_encoder/`` + ``tokenizer/`` layout.
-* ``evaluate``: retrieval / FG-OVD / zero-shot benchmarks -> a JSON results file.
-* ``push``: model, processor and generated card -> the Hub in one commit.
+Sub-commands are registered in :data:`SUBCOMMANDS`; a handler reports bad input by raising :class:`CommandError`
+(one ``error: ...`` line, exit status 1). See docs/longclip.md (Command line) and docs/evaluation.md.
 """
 
 from __future__ import annotations

@@ -1,11 +1,7 @@
 """Convert the authors' original Long-CLIP checkpoints (OpenAI-CLIP-style ``.pt`` files) to `LongCLIPModel`.
 
-The original checkpoints (``longclip-B.pt``, ``longclip-L.pt``, FineLIP's ``*_finelip-B.pt`` backbone) are plain
-state dicts in OpenAI CLIP's layout plus two 248-row text position tables: ``positional_embedding`` (frozen; only
-its first ``keep`` rows are used) and ``positional_embedding_res`` (trained; rows ``keep..`` are used). The merged
-table is ``concat(positional_embedding[:keep], positional_embedding_res[keep:])``.
-
-Files are read with ``torch.load(weights_only=True)``: no pickled code is ever executed.
+Files are read with ``torch.load(weights_only=True)`` and the two text position tables are merged into one.
+See docs/longclip.md (Converting the authors' checkpoints).
 """
 
 from __future__ import annotations

@@ -1,35 +1,8 @@
 """Long prompts in diffusers: 248-token text encoders for Stable Diffusion (1.x / 2.x) and SDXL.
 
-diffusers reads the prompt length from ``tokenizer.model_max_length`` and feeds the tokenizer's ids to the text
-encoder unchanged. So a long-prompt pipeline is a *stock* pipeline whose text encoder is a stock ``CLIPTextModel`` /
-``CLIPTextModelWithProjection`` with a 248-row position table and whose tokenizer has ``model_max_length=248``; no
-pipeline code changes, so LoRA loading, CPU offload, ``clip_skip``, ``save_pretrained`` and prompt-weighting tools
-that produce ``prompt_embeds`` keep working.
-
-Public API:
-
-- :func:`long_prompt_sd_pipeline` / :func:`long_prompt_sdxl_pipeline`: a stock pipeline with the long encoder(s).
-  For SDXL the second encoder (OpenCLIP bigG) is stretched to the same length with Long-CLIP's knowledge-preserving
-  stretch and no training (the authors' recipe), because SDXL concatenates both encoders' hidden states per token.
-- :func:`encode_long_prompt`: prompt embeddings to pass as ``pipe(**embeds)``. It offers Long-CLIP's hidden-state
-  choice for SDXL (last layer after the final LayerNorm) and a chunking fallback for prompts longer than the encoder
-  (248-token windows, concatenated; the negative prompt gets the same number of windows).
-- :func:`load_long_text_encoder`, :func:`stretch_text_encoder`, :func:`long_prompt_tokenizer`: the building blocks.
-- :func:`export_text_encoder` / :func:`export_long_text_components` / :func:`load_long_text_components`: the diffusers
-  folder layout (``text_encoder/``, ``tokenizer/``, ...) for ``Pipeline.from_pretrained(base, text_encoder=...,
-  tokenizer=...)``.
-- :func:`check_long_prompt_pipeline`: raises a clear error for the silent failure modes (tokenizer and encoder
-  lengths that disagree, one SDXL encoder stretched and not the other, widths that do not fit the UNet).
-
-Padding (token-level conditioning). The UNet attends to every one of the 248 positions, pads included, and pad
-positions' hidden states depend on the pad id. Long-CLIP's own SD / SDXL code pads with id 0 (the BPE token ``!``),
-HF's SD-1.x tokenizer pads with the end-of-text token, and SDXL's second tokenizer already pads with ``!``. The
-default ``pad_with="longclip"`` pads with id 0 for parity with the authors' conditioning; ``"eos"`` pads with the
-end-of-text token (what the SD-1.x UNet saw during its own training) and ``"base"`` leaves the base tokenizer's pad
-token. With ``"longclip"`` the ``!`` becomes a special token of the tokenizer (so that saving and reloading the
-tokenizer does not change its behaviour): a ``!`` written in a prompt then encodes as id 0 rather than ``!</w>``,
-exactly as with the stock SD-2 / SDXL ``tokenizer_2`` files. Pooled (EOT) outputs do not depend on the pad id.
-"""
+Stock pipelines with a long text encoder and tokenizer, long-prompt encoding (chunked past 248 tokens), the diffusers
+folder layout and checks for silent length mismatches. See docs/diffusion.md; its "Padding" section explains the
+``pad_with`` choice."""
 
 from __future__ import annotations
 

@@ -1,14 +1,6 @@
-"""Model cards, Hub-ready folders and one-commit pushes.
+"""Model cards, Hub-ready folders and one-commit pushes (`render_model_card`, `save_for_hub`, `push_to_hub`).
 
-* :func:`render_model_card` fills ``model_cards/base.md`` plus the variant's section (``model_cards/<model_type>.md``)
-  with huggingface_hub's ``ModelCard`` / ``ModelCardData``; evaluation results (the JSON written by
-  ``hf-longclip evaluate``) become ``model-index`` entries (``EvalResult``) and a markdown table.
-* :func:`save_for_hub` writes everything a repository holds into a local folder.
-* :func:`push_to_hub` uploads that folder as **one** commit (model with its ``auto_map`` code, processor, card,
-  optional stock-CLIP export in ``clip/`` and diffusers layout in ``text_encoder/`` + ``tokenizer/``).
-
-Call :func:`push_to_hub` at the end of training with the unwrapped model
-(``push_to_hub(accelerator.unwrap_model(model), processor, repo_id, results="eval_results.json")``).
+See docs/evaluation.md (Model cards, Publishing).
 """
 
 from __future__ import annotations

@@ -1,14 +1,7 @@
 #!/usr/bin/env python
-"""Fine-tune any hf_longclip variant with Accelerate.
+"""Fine-tune any hf_longclip variant with Accelerate (or plain ``python`` on a CPU). See docs/training.md.
 
     accelerate launch training_scripts/train.py --config training_scripts/configs/<recipe>.yaml [--setting value ...]
-
-One process, many GPUs or many nodes: whatever ``accelerate config`` / ``accelerate launch`` set up (DDP, FSDP,
-DeepSpeed ZeRO-2, mixed precision). On a CPU, ``python training_scripts/train.py ...`` works as well. Every setting
-is documented in ``hf_longclip/training/arguments.py`` (``--help`` lists them).
-
-This script is glue: arguments, the loop, logging and checkpoints. Data, collators, losses, optimiser groups,
-schedules and cached-feature accumulation live in ``hf_longclip``.
 """
 
 from __future__ import annotations

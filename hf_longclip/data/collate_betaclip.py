@@ -1,12 +1,6 @@
 """Collator for beta-CLIP: images + caption + sampled sentences + phrases -> `BetaCLIPModel.forward` kwargs.
 
-Examples should carry the parsed hierarchy (``sentences``, ``phrases``, ``phrase_sentence``, ``phrase_kind``), added
-once per data set by ``dataset.map(HierarchyMapper(), batched=True, num_proc=N)``. Examples without it are parsed on
-the fly (one batched spaCy call per batch) with a warning, since that puts spaCy into every training step.
-
-Every text granularity is tokenised at its own batch-longest length (captions <= 248 tokens, sentences <= 248,
-phrases <= `max_phrase_length`), and only existing queries become rows: padded query slots are all-zero rows with
-a False mask, which the model never encodes.
+Examples should carry the caption hierarchy parsed once (`HierarchyMapper`). See docs/betaclip.md (Collate).
 """
 
 from __future__ import annotations

@@ -1,12 +1,7 @@
-"""A synthetic long-caption data set that is generated locally: scenes of coloured shapes.
+"""A synthetic long-caption data set that is generated locally: scenes of coloured shapes with long captions.
 
-Each scene is a small image with 3 to 6 shapes on a plain background, laid out on a 3 x 3 grid. Its caption has a
-summary sentence followed by one sentence per shape (colour, size, shape, position) and one sentence relating two
-shapes, so captions run to about 55-110 CLIP tokens (often past CLIP's 77) and a model has to read all of it to tell similar scenes apart: the
-summary alone ("four shapes on a gray background") matches many scenes. That makes it a tiny stand-in for
-ShareGPT4V-style detailed captions, used by the quickstart, the tests and offline demos.
-
-Everything is deterministic given the seed, and nothing is downloaded.
+Deterministic given the seed, nothing downloaded; used by the quickstart, the tests and offline demos.
+See docs/data.md (Generated scenes).
 """
 
 from __future__ import annotations

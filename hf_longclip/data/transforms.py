@@ -1,12 +1,7 @@
 """Training and evaluation image transforms on PIL + torch, without torchvision.
 
-Each transform takes an RGB PIL image and returns a normalised float tensor ``(3, height, width)``, which the
-collators stack as ``pixel_values``. Each variant's default is its registry entry's ``train_transform``:
-
-* ``"eval"``: OpenAI CLIP's eval transform (bicubic shortest-side resize, centre crop). Long-CLIP and FineLIP train
-  with it too (their code passes CLIP's ``preprocess`` to the training set).
-* ``"random_resized_crop"``: torchvision's ``RandomResizedCrop`` with scale (0.5, 1), bilinear, no flip; beta-CLIP's
-  training augmentation (a horizontal flip would contradict "on the left" captions).
+``"eval"`` (OpenAI CLIP's eval transform) and ``"random_resized_crop"`` (beta-CLIP's training augmentation).
+See docs/data.md (Transforms per recipe).
 """
 
 from __future__ import annotations

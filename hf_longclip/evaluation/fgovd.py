@@ -1,15 +1,7 @@
 """FG-OVD: pick the right fine-grained caption for a box, from region features pooled out of the patch tokens.
 
-For each box the positive caption must score strictly above every negative caption (a tie is a miss); accuracy is
-the percentage of boxes where it does, per split.
-
-Region features: the image goes through the model's image processor (shortest-edge resize, centre crop), the box is
-mapped into the cropped frame, and the projected patch tokens of ``get_image_token_features`` (CLS dropped, reshaped
-to the `grid x grid` patch grid) are averaged with weights equal to the area of each patch cell covered by the box
-(an area-weighted RoI average, i.e. RoIAlign with one output cell and exact integration). A box cropped away
-entirely falls back to the cell nearest its centre. The pooled feature is L2-normalised and compared by cosine with
-the normalised caption embeddings. beta-CLIP's authors pool their value-path dense features with RoIAlign instead;
-here every model is read through the shared ``get_image_token_features``, so the numbers compare across variants.
+A box counts when its positive caption scores strictly above every negative; region features are an area-weighted
+average of the projected patch tokens. See docs/evaluation.md (What is computed).
 """
 
 from __future__ import annotations

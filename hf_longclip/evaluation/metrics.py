@@ -1,10 +1,7 @@
 """Retrieval and classification metrics.
 
-Ties are broken **against the model** (pessimistic ranking): a ground-truth item is ranked behind every wrong
-candidate whose score is greater than *or equal to* its own. The result is independent of the order in which
-candidates are stored (an index-order tie-break, as in ``argsort``, would reward or punish a model depending on where
-the ground truth sits in the list), and a constant score matrix gets R@k = 0 for k < number of candidates instead of
-a lucky 100.
+Ties are broken against the model: a ground truth ranks behind every wrong candidate whose score is greater than or
+equal to its own. See docs/evaluation.md (What is computed).
 """
 
 from __future__ import annotations

@@ -1,10 +1,7 @@
 """Batched feature extraction and retrieval scoring through the models' retrieval interface.
 
-Models are used only through ``retrieval_image_features`` / ``retrieval_text_features`` / ``retrieval_scores`` and
-``retrieval_scorings`` (see :class:`hf_longclip.LongCLIPModel`), so every variant's scoring modes (FineLIP "fused",
-beta-CLIP "tci", ...) run here unchanged, and a mode the model lacks raises the model's own error. A stock
-transformers ``CLIPModel`` (e.g. the 77-token baseline) has no such interface and is scored with its normalised
-pooled embeddings ("global" only).
+Every variant's scoring modes run unchanged; a stock transformers `CLIPModel` is scored "global" only.
+See docs/evaluation.md.
 """
 
 from __future__ import annotations

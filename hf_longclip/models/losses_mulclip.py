@@ -1,12 +1,7 @@
 """MulCLIP's fine-grained losses as pure functions: word-patch reconstruction (``L_word``) and subcaption-aggregated
-patch alignment (``L_sub``).
+patch alignment (``L_sub``). See docs/mulclip.md (The objective).
 
-No code of the MulCLIP authors exists. The structure follows the public description (project page, reviews; see
-``docs/mulclip.md``): ``L_word`` is computed inside each sample, ``L_sub`` contrasts over the batch. Similarities are
-cosine similarities of L2-normalised tokens; the mixtures are taken over the un-normalised tokens and normalised
-before they are scored.
-
-This file is copied next to saved models for ``trust_remote_code`` loading, so it imports only torch and a sibling.
+Copied next to saved models for ``trust_remote_code`` loading, so it imports only torch and a sibling.
 """
 
 from __future__ import annotations

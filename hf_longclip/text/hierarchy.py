@@ -1,21 +1,7 @@
-"""beta-CLIP's text hierarchy: caption -> sentences -> phrases, parsed once and sampled per training step.
+"""beta-CLIP's text hierarchy: caption -> sentences -> phrases, parsed once (`parse_hierarchies`, `HierarchyMapper`)
+and sampled per training step (`sample_queries`).
 
-The authors' data loader, for every sample and every epoch, cleans the caption, splits it into sentences, samples
-``K_s = 5`` of them (without replacement, in random order, or all of them in order when there are fewer), joins the
-sample with ``". "`` into the *global caption*, and runs spaCy on that caption to get its phrases (the first 30 are
-kept). Running spaCy in the training loop is slow, so here the work is split in two:
-
-* :func:`parse_hierarchies` (or :class:`HierarchyMapper` in ``datasets.map(..., batched=True, num_proc=N)``) runs
-  once per caption: it cleans it, splits the sentences, parses the whole cleaned caption with ``nlp.pipe`` and
-  stores, for every phrase, its text, kind and sentence index (flat lists, which Arrow stores well).
-* :func:`sample_queries` runs in the collator: it samples the sentences and rebuilds the global caption and its
-  phrase list from the stored phrases of the sampled sentences (noun phrases of each sampled sentence in sampled
-  order, then actions, then spatial phrases, de-duplicated), which is the list the authors' parse of the joined
-  sample gives, up to spaCy seeing the sentences in their original context rather than re-ordered.
-
-Caption modes: ``"sampled"`` (the authors' code: the global caption is the shuffled 5-sentence sample and its
-phrases) and ``"full"`` (the global caption is the whole cleaned caption and the phrases come from all sentences;
-closer to the paper's description).
+See docs/betaclip.md (Preprocess once: the text hierarchy; Collate).
 """
 
 from __future__ import annotations

@@ -1,19 +1,7 @@
-"""Phrase ("concept") extraction with spaCy for beta-CLIP.
+"""Phrase ("concept") extraction with spaCy for beta-CLIP: noun phrases, actions and spatial phrases (the authors'
+rules), batched and cached, meant to run once over a data set, never inside the training step.
 
-For a caption, the phrases are, in this order (spec §5.2, the authors' ``concepts_minimal``):
-
-1. **noun phrases**: spaCy noun chunks plus "side" phrases matched by a rule (optional determiner, one or more
-   adjectives/nouns/proper nouns, a preposition, optional "the", one of left/right/top/bottom/front/back/middle/center,
-   optional "of"), reduced with ``spacy.util.filter_spans`` (the longest of overlapping spans wins), original casing;
-2. **actions**: a verb directly followed by a preposition ("leaning against");
-3. **spatial phrases**, lower-cased: "next to", or a preposition, an optional determiner, a spatial head word
-   (left, right, top, ..., near, far) and an optional "of" ("in front of", "on the left");
-
-then de-duplicated in order, with a blacklist ("the", "the image", "image") removed. The blacklist is
-case-sensitive in the authors' code, so "The image" survives; ``blacklist_lowercase=True`` compares lower-cased.
-
-spaCy runs in batches (``nlp.pipe``) with a text -> phrases cache, and is meant to run once over a data set as a
-preprocessing step (:class:`~hf_longclip.text.hierarchy.HierarchyMapper`), never inside the training step.
+See docs/betaclip.md (Preprocess once: the text hierarchy).
 """
 
 from __future__ import annotations

@@ -1,26 +1,7 @@
-"""Gradient accumulation that keeps the negatives of the whole accumulated batch (GradCache style).
+"""Gradient accumulation that keeps the negatives of the whole accumulated batch (GradCache style), through the
+models' ``loss_features`` / ``loss_from_features``.
 
-Contrastive losses compare every sample with every other sample of the batch, so accumulating the gradients of
-``k`` micro-batches of ``b`` samples (the authors' way) trains with ``b``-way negatives, not ``k * b``. Caching
-fixes that at the cost of one extra forward pass:
-
-1. encode every micro-batch **without** gradient and keep only the loss features (embeddings, token sets, ...);
-2. concatenate them, compute the loss of the full batch on those features (treated as leaves) and back-propagate
-   it: this fills the gradients of the loss-side parameters (logit scales, heads that act across samples) and gives
-   the gradient of the loss with respect to every cached feature;
-3. encode every micro-batch again **with** gradient and back-propagate the cached feature gradients through it.
-
-The result equals the gradient of one pass over the full batch (up to float rounding), with the activation memory
-of one micro-batch. Each micro-batch's torch RNG state is recorded in step 1 and restored in step 3, so random
-choices inside the encoders (dropout, Fix-CLIP's patch masks) are the same in both passes.
-
-Models take part through two methods (every hf_longclip variant has them):
-
-* ``loss_features(**batch) -> dict[str, Tensor]``: per-sample tensors, samples on dim 0;
-* ``loss_from_features(features, **loss_kwargs) -> ModelOutput`` with ``.loss``.
-
-Features whose trailing sizes differ between micro-batches (e.g. a variable number of query slots) are padded
-with zeros / False to the largest size; the models' masks make such padding inert.
+See docs/training.md (Cached gradient accumulation).
 """
 
 from __future__ import annotations

@@ -1,14 +1,6 @@
 """Training checkpoints that are never half-written: ``accelerator.save_state`` into a temporary folder, then rename.
 
-Layout under ``<output_dir>/checkpoints/``::
-
-    step-00000500/          # complete checkpoints only (a rename is atomic on POSIX file systems)
-        model.safetensors, optimizer.bin, scheduler.bin, random_states_*.pkl, ...   (accelerate's files)
-        trainer_state.json  # global step, epoch, position in the epoch, skip counts; written last
-    .tmp-step-00001000/     # a save in progress (or one killed mid-way: ignored and cleaned up)
-
-``latest`` resolves to the complete checkpoint with the highest step. The newest ``save_total_limit`` checkpoints
-are kept.
+See docs/training.md (Checkpoints, resuming, outputs).
 """
 
 from __future__ import annotations

@@ -1,12 +1,7 @@
-"""Training and evaluation data as the trainer's settings describe them.
+"""Training and evaluation data as the trainer's settings describe them: the training records, the sample order
+(`GlobalBatchSampler`) and the held-out retrieval set.
 
-* :func:`training_records` opens ``--train_data`` (ShareGPT4V JSON, a caption table, a `datasets` source, or the
-  generated synthetic scenes), and for beta-CLIP adds the parsed caption hierarchies once (cached on disk).
-* :class:`GlobalBatchSampler` decides the sample order: one seeded permutation per epoch, cut into *global*
-  batches of ``per_device_batch_size * num_processes``; process ``r`` takes the ``r``-th slice of every global
-  batch. So a run on ``n`` processes sees, step by step, exactly the samples of a 1-process run with an ``n``
-  times larger batch, and a resumed run restarts at the same place of the same permutation.
-* :func:`retrieval_set` turns held-out pairs into an `evaluation.RetrievalSet` for long-caption R@k.
+See docs/training.md (Data; Order, scale and reproducibility).
 """
 
 from __future__ import annotations

@@ -1,15 +1,7 @@
-"""Optimiser parameter groups and learning-rate schedules of the papers' recipes.
+"""Optimiser parameter groups (backbone / head x decay / no decay) and the per-group learning-rate schedules of the
+papers' recipes.
 
-Parameters split two ways:
-
-* **backbone vs head**: the backbone is what a stock CLIP has; heads are what a variant adds, as its model says
-  (``model.is_head_parameter(name)``, from its ``head_modules``). FineLIP and beta-CLIP train their heads with a much
-  larger learning rate than the backbone.
-* **decay vs no decay**: Long-CLIP and FineLIP decay every parameter (``weight_decay_filter="all"``); beta-CLIP
-  decays only weight matrices (``"matrices"``: no decay on biases, norms, scalars and other 1-D tensors).
-
-Schedules: linear warm-up from 0, then cosine (or linear) decay to a floor, or constant; each group has its own
-peak, floor and warm-up, realised as one ``LambdaLR`` with a multiplier per group.
+See docs/training.md (Optimiser and schedule).
 """
 
 from __future__ import annotations
