@@ -15,21 +15,23 @@ from typing import Any
 
 from transformers import AutoConfig, AutoModel, AutoModelForZeroShotImageClassification, AutoProcessor
 
-from .data import BetaCLIPCollator, FineLIPCollator, FixCLIPCollator, LongCLIPCollator, MulCLIPCollator
+from .data.collate import LongCLIPCollator
+from .data.collate_betaclip import BetaCLIPCollator
+from .data.collate_finelip import FineLIPCollator
+from .data.collate_fixclip import FixCLIPCollator
+from .data.collate_mulclip import MulCLIPCollator
 from .data.transforms import TRANSFORM_NAMES as TRAIN_TRANSFORMS
-from .models import (
-    BetaCLIPConfig,
-    BetaCLIPModel,
-    FineLIPConfig,
-    FineLIPModel,
-    FixCLIPConfig,
-    FixCLIPModel,
-    LongCLIPConfig,
-    LongCLIPModel,
-    LongCLIPProcessor,
-    MulCLIPConfig,
-    MulCLIPModel,
-)
+from .models.configuration_betaclip import BetaCLIPConfig
+from .models.configuration_finelip import FineLIPConfig
+from .models.configuration_fixclip import FixCLIPConfig
+from .models.configuration_longclip import LongCLIPConfig
+from .models.configuration_mulclip import MulCLIPConfig
+from .models.modeling_betaclip import BetaCLIPModel
+from .models.modeling_finelip import FineLIPModel
+from .models.modeling_fixclip import FixCLIPModel
+from .models.modeling_longclip import LongCLIPModel
+from .models.modeling_mulclip import MulCLIPModel
+from .models.processing_longclip import LongCLIPProcessor
 from .text.hierarchy import HIERARCHY_FIELDS
 
 @dataclass(frozen=True)

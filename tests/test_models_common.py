@@ -11,6 +11,10 @@ from __future__ import annotations
 import ast
 import inspect
 import json
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -486,3 +490,56 @@ def test_output_conventions(name, processor):
     with torch.no_grad():
         assert isinstance(model(**_inference_inputs(batch)), tuple)
         assert isinstance(model.get_image_features(pixel_values=batch["pixel_values"]), tuple)
+
+
+def test_a_sixth_variant_is_picked_up_from_its_registry_entry(tmp_path):
+    """A variant defined outside the package and registered with one `register_variant` call works with the Auto
+    classes, the training arguments, the CLI's stretch command, save / load and `from_clip`; the model card asks for
+    its card section by name. (In a subprocess: registration is process-wide.)"""
+    clip_dir = tmp_path / "clip"
+    tiny_clip(seed=0, processor=tiny_processor()).save_pretrained(clip_dir)
+    tiny_processor(max_length=77).save_pretrained(clip_dir)
+    script = textwrap.dedent(
+        f"""
+        import torch
+        from torch import nn
+        from transformers import AutoModel
+        import hf_longclip
+        from hf_longclip import LongCLIPConfig, LongCLIPModel, Variant, register_variant
+        from hf_longclip.data import LongCLIPCollator
+
+        class ToyConfig(LongCLIPConfig):
+            model_type = "toyclip"
+
+        class ToyModel(LongCLIPModel):
+            config_class = ToyConfig
+            head_modules = ("toy_head",)
+
+            def __init__(self, config):
+                super().__init__(config)
+                self.toy_head = nn.Linear(config.projection_dim, 1)
+                self.post_init()
+
+        register_variant(Variant("toyclip", "Toy", ToyConfig, ToyModel, LongCLIPCollator, summary="s",
+                                 reference_recipe="r", recipes=("toyclip.yaml",)))
+        from hf_longclip.cli import main
+        from hf_longclip.hub import render_model_card
+        from hf_longclip.training.arguments import parse_training_arguments
+
+        assert parse_training_arguments(["--variant", "toyclip"])[0].variant == "toyclip"
+        assert main(["stretch", "--base", r"{clip_dir}", "--variant", "toyclip", "--output", r"{tmp_path / 'toy'}"]) == 0
+        model = AutoModel.from_pretrained(r"{tmp_path / 'toy'}")
+        assert type(model) is ToyModel and model.is_head_parameter("toy_head.weight")
+        assert set(model.backbone_state_dict()) == set(LongCLIPModel(model.config).state_dict())
+        try:
+            render_model_card(model)
+        except FileNotFoundError as error:
+            assert "toyclip.md" in str(error), error
+        else:
+            raise AssertionError("a card without the variant's section was rendered")
+        print("SIXTH_OK")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert "SIXTH_OK" in result.stdout, result.stderr[-3000:]

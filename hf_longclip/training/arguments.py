@@ -26,7 +26,8 @@ class ModelArguments:
     """Which model to train and how to build it."""
 
     variant: str = field(
-        default="longclip", metadata={"help": "method to train (a registered variant)", "choices": list(VARIANTS)}
+        default="longclip",
+        metadata={"help": "method to train: a registered variant (hf_longclip.VARIANTS: " + ", ".join(VARIANTS) + ")"},
     )
     base: str = field(
         default="openai/clip-vit-base-patch16",
