@@ -429,3 +429,16 @@ def test_bad_inputs_give_finite_outputs(fine_model, processor):
         fine_model(pixel_values=batch["pixel_values"][:2], input_ids=batch["input_ids"], return_loss=True)
     with pytest.raises(ValueError, match="at most"):
         fine_model(pixel_values=batch["pixel_values"], input_ids=torch.zeros(4, 249, dtype=torch.long))
+
+
+def test_misspelt_image_ids_raise_instead_of_changing_the_loss(fine_model, processor):
+    """Two pairs of the same image: with `image_ids` neither is the other's negative and the hinge loss is 0; the
+    same batch with the key misspelt used to run silently with the duplicate mask lost (loss about 1)."""
+    batch = _batch(processor, [CAPTIONS[0], CAPTIONS[0]], ids=[5, 5])
+    batch["pixel_values"][1] = batch["pixel_values"][0]
+    assert fine_model(**batch, return_loss=True).loss_hinge.item() == 0.0
+    misspelt = {**{k: v for k, v in batch.items() if k != "image_ids"}, "image_id": batch["image_ids"]}
+    with pytest.raises(TypeError, match="image_id"):
+        fine_model(**misspelt, return_loss=True)
+    with pytest.raises(TypeError, match="image_id"):
+        fine_model.loss_features(**misspelt)

@@ -486,6 +486,9 @@ def test_output_conventions(name, processor):
     assert len(flat) == len(flat_tuple)
     for a, b in zip(flat, flat_tuple):
         torch.testing.assert_close(a, b)
+    with torch.no_grad():
+        features = model.get_image_features(pixel_values=batch["pixel_values"], return_dict=False)
+        assert isinstance(features, tuple) and features[1].shape == (4, model.config.projection_dim)
     model.config.return_dict = False
     with torch.no_grad():
         assert isinstance(model(**_inference_inputs(batch)), tuple)
