@@ -17,6 +17,18 @@ DEFAULT_WORDS = (
     "dog cat man woman car tree house sky grass table chair sitting standing leaning against near front back"
 ).split()
 
+#: Eight short multi-sentence scene captions in the tiny tokenizer's words (ids 0..7 of the common test batches).
+SCENE_CAPTIONS = (
+    "a large red circle in the top left. it is next to a blue square. the sky is blue",
+    "a small green triangle at the bottom. a dog sitting near a tree",
+    "a cat sitting on a chair near a table",
+    "a white car in front of a house. a tree on the left. a dog. a man standing",
+    "a purple square",
+    "an orange circle and a yellow triangle in the middle of the image. a woman on the right",
+    "a black dog leaning against a white car. the grass is green",
+    "a big blue circle. a small cyan square. a pink triangle at the top right",
+)
+
 
 def tiny_clip_config(
     vocab_size: int = 600,
@@ -116,6 +128,7 @@ def run_without_package(script: str, timeout: float = 300):
 
 __all__ = [
     "DEFAULT_WORDS",
+    "SCENE_CAPTIONS",
     "run_without_package",
     "spawn_distributed",
     "tiny_clip",

@@ -23,23 +23,13 @@ from transformers import AutoModel, AutoProcessor, CLIPModel, pipeline
 
 from hf_longclip import VARIANTS, CLIPVariantOutput, FrozenPrefixEmbedding
 from hf_longclip.models.modeling_fixclip import random_patch_mask
-from hf_longclip.testing_utils import run_without_package, tiny_clip, tiny_processor, tiny_variant
+from hf_longclip.testing_utils import SCENE_CAPTIONS, run_without_package, tiny_clip, tiny_processor, tiny_variant
 from hf_longclip.text import parse_hierarchies
 from hf_longclip.training.accumulation import cached_accumulation_step
 from hf_longclip.training.arguments import parse_training_arguments
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = list(VARIANTS)
-CAPTIONS = [
-    "a large red circle in the top left. it is next to a blue square. the sky is blue",
-    "a small green triangle at the bottom. a dog sitting near a tree",
-    "a cat sitting on a chair near a table",
-    "a white car in front of a house. a tree on the left. a dog. a man standing",
-    "a purple square",
-    "an orange circle and a yellow triangle in the middle of the image. a woman on the right",
-    "a black dog leaning against a white car. the grass is green",
-    "a big blue circle. a small cyan square. a pink triangle at the top right",
-]
 #: Extra config fields that make the common checks reach more code (the PCA step of Long-CLIP with 8 samples, the
 #: optional global term of FineLIP, so that logit_scale trains). Tests of a registered variant not listed here run
 #: with its defaults.
@@ -58,7 +48,7 @@ def _examples(count=8, seed=0, hierarchy=False):
     torch.manual_seed(seed)
     examples = [
         {"pixel_values": torch.randn(3, 32, 32), "caption": caption, "id": i % 6}  # ids 0, 1 repeat
-        for i, caption in enumerate(CAPTIONS[:count])
+        for i, caption in enumerate(SCENE_CAPTIONS[:count])
     ]
     if hierarchy:
         for example, parsed in zip(examples, parse_hierarchies([e["caption"] for e in examples])):

@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
-from hf_longclip import BetaCLIPModel, FineLIPModel, FixCLIPModel, LongCLIPModel, MulCLIPModel
-from hf_longclip.data import BetaCLIPCollator, FineLIPCollator, FixCLIPCollator, LongCLIPCollator, MulCLIPCollator
-from hf_longclip.models.modeling_fixclip import random_patch_mask
-from hf_longclip.testing_utils import tiny_clip, tiny_processor
+from hf_longclip import BetaCLIPModel, FineLIPModel, LongCLIPModel
+from hf_longclip.data import FixCLIPCollator
 from hf_longclip.features import concat_features
+from hf_longclip.models.modeling_fixclip import random_patch_mask
+from hf_longclip.testing_utils import SCENE_CAPTIONS, tiny_clip, tiny_processor, tiny_variant
 from hf_longclip.training.accumulation import cached_accumulation_step
 from hf_longclip.training.arguments import load_recipe, parse_training_arguments
 from hf_longclip.training.optim import (
@@ -21,18 +21,6 @@ from hf_longclip.training.optim import (
     parameter_groups,
     schedules_for_groups,
 )
-
-CAPTIONS = [
-    "a large red circle in the top left. it is next to a blue square. the sky is blue",
-    "a small green triangle at the bottom. a dog sitting near a tree",
-    "a cat sitting on a chair near a table",
-    "a white car in front of a house. a tree on the left. a dog. a man standing",
-    "a purple square",
-    "an orange circle and a yellow triangle in the middle of the image. a woman on the right",
-    "a black dog leaning against a white car. the grass is green",
-    "a big blue circle. a small cyan square. a pink triangle at the top right",
-]
-
 
 # ----------------------------------------------------------------------------------------------- settings
 def test_recipe_and_flags_merge_with_flags_winning(tmp_path):
@@ -61,7 +49,7 @@ def test_recipe_and_flags_merge_with_flags_winning(tmp_path):
         (["--min_learning_rate", "1e-3", "--learning_rate", "1e-4"], "min_learning_rate"),
         (["--model_config", "[1, 2]"], "JSON object"),
         (["--push_to_hub", "true"], "hub_model_id"),
-        (["--variant", "nope"], "invalid training settings"),
+        (["--variant", "nope"], "unknown variant .nope.; choose one of longclip, finelip"),
     ],
 )
 def test_invalid_settings_fail_before_any_work(flags, message):
@@ -132,38 +120,15 @@ def _examples(seed=0):
     torch.manual_seed(seed)
     return [
         {"pixel_values": torch.randn(3, 32, 32), "caption": c, "id": i % 6}  # ids 0, 1 repeat: duplicate images
-        for i, c in enumerate(CAPTIONS)
+        for i, c in enumerate(SCENE_CAPTIONS)
     ]
-
-
-def _variant(name, processor):
-    clip = tiny_clip(seed=3, processor=processor)
-    if name == "longclip":
-        model = LongCLIPModel.from_clip(clip, pca_components=3)  # 3 < 8 samples: the SVD path runs
-        return model, LongCLIPCollator(processor)
-    if name == "finelip":
-        model = FineLIPModel.from_clip(clip, global_loss_weight=0.5)
-        return model, FineLIPCollator(processor)
-    if name == "fixclip":
-        model = FixCLIPModel.from_clip(clip, num_groups=2, group_align_start=1)
-        return model, FixCLIPCollator(processor)
-    if name == "mulclip":
-        return MulCLIPModel.from_clip(clip), MulCLIPCollator(processor, max_subcaptions=4)
-    if name == "betaclip":
-        return BetaCLIPModel.from_clip(clip), BetaCLIPCollator(processor, seed=0)
-    raise AssertionError(name)
-
-
-def _split(batch, parts):
-    size = next(iter(batch.values())).shape[0] // parts
-    return [{k: v[i * size : (i + 1) * size] for k, v in batch.items()} for i in range(parts)]
 
 
 def test_cached_accumulation_replays_random_choices():
     """Random patch masks drawn inside the encoder are the same in the no-grad pass and the recompute."""
     processor = tiny_processor()
-    model, collator = _variant("fixclip", processor)
-    model.train()
+    model = tiny_variant("fixclip", seed=3, processor=processor, group_align_start=1).train()
+    collator = FixCLIPCollator(processor)
     micro = [collator(_examples()[i : i + 4]) for i in (0, 4)]
     torch.manual_seed(123)
     cached_accumulation_step(model, micro)
