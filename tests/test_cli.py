@@ -4,6 +4,8 @@ A tiny stock CLIPModel + processor saved to a folder stands in for a Hub checkpo
 back with the Auto / stock classes and compared with the in-memory model.
 """
 
+import json
+
 import pytest
 import torch
 from transformers import (
@@ -17,14 +19,7 @@ from transformers import (
     CLIPTokenizer,
 )
 
-from hf_longclip import (
-    BetaCLIPModel,
-    FineLIPModel,
-    FixCLIPModel,
-    LongCLIPModel,
-    LongCLIPProcessor,
-    MulCLIPModel,
-)
+from hf_longclip import VARIANTS, LongCLIPModel, LongCLIPProcessor
 from hf_longclip.cli import SUBCOMMANDS, main
 from hf_longclip.testing_utils import tiny_clip, tiny_processor
 
@@ -92,17 +87,16 @@ def test_stretch_saves_a_model_equal_to_from_clip(clip_dir, stretched_dir, input
     torch.testing.assert_close(model.logit_scale, torch.tensor(4.6052))  # reset to ln(100) as Long-CLIP does
 
 
-@pytest.mark.parametrize(
-    "variant, cls", [("finelip", FineLIPModel), ("fixclip", FixCLIPModel), ("mulclip", MulCLIPModel), ("betaclip", BetaCLIPModel)]
-)
-def test_stretch_variants(clip_dir, stretched_dir, inputs, tmp_path, variant, cls):
+@pytest.mark.parametrize("variant", [name for name in VARIANTS if name != "longclip"])
+def test_stretch_variants(clip_dir, stretched_dir, inputs, tmp_path, variant):
     out = tmp_path / variant
-    extra = ["--set", "num_groups=2"] if variant == "fixclip" else []  # groups must divide the tiny towers' 2 layers
+    # the registry's tiny_config makes the 2-layer towers valid (Fix-CLIP's groups must divide them)
+    extra = [arg for k, v in VARIANTS[variant].tiny_config.items() for arg in ("--set", f"{k}={json.dumps(v)}")]
     assert main(["stretch", "--base", str(clip_dir), "--output", str(out), "--variant", variant, *extra]) == 0
     model = AutoModel.from_pretrained(out).eval()
-    assert type(model) is cls
-    if variant == "fixclip":
-        assert model.config.num_groups == 2
+    assert type(model) is VARIANTS[variant].model_class
+    for key, value in VARIANTS[variant].tiny_config.items():
+        assert getattr(model.config, key) == value
     # the backbone is the stretched CLIP: text tokens equal the Long-CLIP model's
     base = AutoModel.from_pretrained(stretched_dir).eval()
     ids = inputs[0]["input_ids"]
