@@ -51,8 +51,8 @@ class Variant:
         train_transform: the default train-time image transform of its recipes.
         record_fields: extra record fields its collator reads (prepared once before training, e.g. beta-CLIP's
             caption hierarchy).
-        tiny_config: config fields that make a 2-layer test model valid (tests, benchmarks' smoke mode, and the
-            transformers conformance run).
+        tiny_config: config fields that make a 2-layer model valid (``--base tiny-random`` and the quickstart, tests,
+            benchmarks' smoke mode, the transformers conformance run).
     """
 
     name: str

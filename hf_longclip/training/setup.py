@@ -42,7 +42,7 @@ def tiny_base_model(args: ModelArguments, seed: int):
 def build_model_and_processor(args: ModelArguments, seed: int = 0):
     """The model to train and its processor, from ``args.base``.
 
-    * ``tiny-random``: a small random CLIP, stretched (quickstart and tests);
+    * ``tiny-random``: a small random CLIP, stretched (quickstart and tests), with the registry's ``tiny_config``;
     * a stock CLIP (Hub id or folder, ``model_type: clip``): stretched with the variant's ``from_clip`` and freshly
       initialised heads; the processor is that CLIP's tokenizer (at the stretched length) and image processor;
     * an hf_longclip checkpoint of the same variant: loaded as it is, to continue training;
@@ -57,7 +57,9 @@ def build_model_and_processor(args: ModelArguments, seed: int = 0):
                "reset_logit_scale": args.reset_logit_scale}
     if args.base == TINY_BASE:
         clip, processor = tiny_base_model(args, seed)
-        model = variant.model_class.from_clip(clip, **stretch, **overrides)
+        # the registry's tiny_config keeps small towers valid (Fix-CLIP's groups must divide 2 layers); recipe
+        # fields win
+        model = variant.model_class.from_clip(clip, **stretch, **{**variant.tiny_config, **overrides})
     else:
         from transformers import AutoConfig, AutoProcessor
 
