@@ -27,8 +27,13 @@ from .dataset import (
     validate_records,
 )
 
-__all__ = ["FixCLIPCollator", "FineLIPCollator", "MulCLIPCollator", "BetaCLIPCollator", "LongCLIPCollator", "build_clip_tokenizer"]
-__all__ += [
+__all__ = [
+    "BetaCLIPCollator",
+    "FineLIPCollator",
+    "FixCLIPCollator",
+    "LongCLIPCollator",
+    "MulCLIPCollator",
+    "build_clip_tokenizer",
     "BadImageError",
     "BadSampleError",
     "EvalTransform",

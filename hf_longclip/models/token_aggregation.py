@@ -1,4 +1,6 @@
-"""Token aggregation: FineLIP's ATRM head, reused by MulCLIP's token calibration (see docs/finelip.md)."""
+"""Token aggregation: FineLIP's ATRM head (see docs/finelip.md).
+
+The token calibration heads of MulCLIP reuse it."""
 
 from __future__ import annotations
 
