@@ -252,8 +252,7 @@ def test_cached_accumulation_over_four_micro_batches_equals_one_full_batch(name,
     whole = VARIANTS[name].make_collator(processor, seed=0)(examples)  # a second collator: the same draws
     micro = [collator(examples[i : i + 2]) for i in range(0, 8, 2)]  # each micro-batch padded on its own
     if "patch_mask" in inspect.signature(model.loss_features).parameters:  # random masks: the same in both runs
-        num_patches = model.config.num_patches
-        whole["patch_mask"] = random_patch_mask(8, num_patches, 0.75, generator=5)
+        whole["patch_mask"] = random_patch_mask(8, model.config.num_patches, 0.75, generator=5)
         for i, batch in enumerate(micro):
             batch["patch_mask"] = whole["patch_mask"][2 * i : 2 * i + 2]
     kwargs = model.training_loss_kwargs(step=3, steps_per_epoch=10)
@@ -442,8 +441,7 @@ def test_hidden_states_and_attentions_reach_both_towers(name, return_loss, proce
     text, vision = out.text_model_output, out.vision_model_output
     assert len(text.hidden_states) == text_layers + 1 and len(text.attentions) == text_layers
     assert len(vision.hidden_states) == vision_layers + 1 and len(vision.attentions) == vision_layers
-    vision_config = model.config.vision_config
-    tokens = (vision_config.image_size // vision_config.patch_size) ** 2 + 1
+    tokens = model.config.num_patches + 1
     assert all(h.shape[:2] == (4, tokens) for h in vision.hidden_states)
     assert all(a.shape[0] == 4 and a.dim() == 4 for a in vision.attentions)
     with torch.no_grad():  # selected layers only, as transformers' towers do

@@ -116,12 +116,6 @@ class FineLIPConfig(LongCLIPConfig):
         super().__post_init__(**kwargs)
 
     @property
-    def num_patches(self) -> int:
-        """Patch tokens of the image tower at its configured image size."""
-        vision = self.vision_config
-        return (vision.image_size // vision.patch_size) ** 2
-
-    @property
     def image_aggregation_size(self) -> int:
         """Aggregated image tokens (``num_image_aggregated_tokens`` or ``int(patches * ratio * sparse)``, >= 1)."""
         if self.num_image_aggregated_tokens is not None:

@@ -184,16 +184,6 @@ class FixCLIPConfig(LongCLIPConfig):
                 raise ValueError(f"group_loss_weights must be >= 0, got {self.group_loss_weights}")
 
     @property
-    def grid_size(self) -> int:
-        """Patches per side of the image tower at its configured image size."""
-        return self.vision_config.image_size // self.vision_config.patch_size
-
-    @property
-    def num_patches(self) -> int:
-        """Patch tokens of the image tower at its configured image size."""
-        return self.grid_size**2
-
-    @property
     def prompts_per_layer(self) -> int:
         """``M``: ``num_regional_prompts`` or the grid side (regions are whole patch rows)."""
         return self.num_regional_prompts if self.num_regional_prompts is not None else self.grid_size

@@ -133,6 +133,16 @@ class LongCLIPConfig(CLIPConfig):
             )
 
     @property
+    def grid_size(self) -> int:
+        """Patches per side of the image tower at its configured image size."""
+        return self.vision_config.image_size // self.vision_config.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        """Patch tokens of the image tower at its configured image size."""
+        return self.grid_size**2
+
+    @property
     def stretched_max_position_embeddings(self) -> int:
         """Length the stretch formula gives for this config's source length, keep and ratio."""
         return stretched_length(self.source_max_position_embeddings, self.position_keep, self.position_ratio)

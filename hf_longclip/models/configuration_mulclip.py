@@ -119,12 +119,6 @@ class MulCLIPConfig(LongCLIPConfig):
         super().__post_init__(**kwargs)
 
     @property
-    def num_patches(self) -> int:
-        """Patch tokens of the image tower at its configured image size."""
-        vision = self.vision_config
-        return (vision.image_size // vision.patch_size) ** 2
-
-    @property
     def visual_calibration_size(self) -> int:
         """Calibrated visual tokens the model produces (``calibration_visual_tokens`` or the ratio default)."""
         if self.calibration_visual_tokens is not None:
