@@ -170,9 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<10} {counts['passed']:>7} {counts['failed']:>7} {counts['skipped']:>8}   {len(new)}")
         for test in new:
             print(f"    {test}: {outcomes[test][1]}")
-        gained = sorted(t for t, (o, _) in outcomes.items() if o == "passed" and stock.get(t, ("",))[0] == "skipped")
-        if gained and name != "stock":
-            print(f"    runs and passes where stock skips: {', '.join(gained)}")
+        # (a test stock skips may "pass" for a variant without checking anything: transformers' mixin skips classes
+        # missing from its own model mappings silently, e.g. test_inputs_embeds_matches_input_ids; not reported)
         if args.show_skips:
             for test, (outcome, message) in sorted(outcomes.items()):
                 if outcome == "skipped":
