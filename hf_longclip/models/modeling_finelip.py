@@ -99,8 +99,8 @@ class FineLIPModel(LongCLIPModel):
         self.image_aggregation = TokenAggregation(dim, config.image_aggregation_size, config.aggregation_hidden_ratio)
         self.text_aggregation = TokenAggregation(dim, config.text_aggregation_size, config.aggregation_hidden_ratio)
         self.post_init()
-        # Without the global term nothing in the loss reads logit_scale: leave it out of training explicitly (the
-        # authors' optimiser skips it for the same reason), so no step has a parameter without a gradient.
+        # Without the global term nothing in the loss reads logit_scale: leave it out of training explicitly (in the
+        # authors' code it gets no gradient, so AdamW never moves it), so no step has a parameter without a gradient.
         self.logit_scale.requires_grad_(config.global_loss_weight > 0)
 
     @torch.no_grad()
