@@ -198,7 +198,9 @@ def _add_stretch(subparsers) -> None:
     p.add_argument("--keep", type=int, default=20, help="leading position rows copied unchanged and frozen (default 20)")
     p.add_argument("--ratio", type=int, default=4, help="rows made from each later source row (default 4: 77 -> 248)")
     p.add_argument("--processor", default=None, help="tokenizer / image processor source (default: --base)")
-    p.add_argument("--keep-logit-scale", action="store_true", help="keep the source's logit_scale (default: reset to ln 100)")
+    p.add_argument("--reset-logit-scale", action="store_true",
+                   help="set logit_scale to 4.6052 (ln 100), as Long-CLIP's and FineLIP's training code does "
+                        "(default: keep the source's, which OpenAI's CLIPs already hold)")
     p.add_argument(
         "--set", action="append", default=[], metavar="FIELD=VALUE",
         help="a field of the variant's config (repeatable; VALUE is read as JSON, else as a string), e.g. "
@@ -257,7 +259,7 @@ def _run_stretch(args) -> int:
         raise CommandError(f"cannot load the CLIP weights of {args.base!r}: {_one_line(error)}") from error
     try:
         model = cls.from_clip(
-            clip, position_keep=args.keep, position_ratio=args.ratio, reset_logit_scale=not args.keep_logit_scale, **fields
+            clip, position_keep=args.keep, position_ratio=args.ratio, reset_logit_scale=args.reset_logit_scale, **fields
         )
     except (ValueError, TypeError) as error:  # config validation, e.g. Fix-CLIP groups that do not divide the layers
         raise CommandError(f"cannot build a {cls.__name__} from {args.base!r}: {_one_line(error)}") from error

@@ -329,7 +329,7 @@ def test_clamp_logit_scales(beta_model):
         beta_model.logit_scale.fill_(7.0)
         beta_model.text_conditioned_pooler.logit_scale.fill_(-1.0)
     beta_model.clamp_logit_scales()
-    assert beta_model.logit_scale.item() == pytest.approx(math.log(100))
+    assert beta_model.logit_scale.item() == pytest.approx(4.6052)  # the authors' bound (ln 100, rounded)
     assert beta_model.text_conditioned_pooler.logit_scale.item() == 0.0
 
 
@@ -406,45 +406,92 @@ def _global_loss_worker(result_path):
     import torch.distributed as dist
     from accelerate import Accelerator
 
+    from hf_longclip.models.configuration_betaclip import GLOBAL_LOSS_GRADIENTS
     from hf_longclip.models.losses_betaclip import global_contrastive_loss
 
     accelerator = Accelerator(cpu=True)
     rank = accelerator.process_index
-    torch.manual_seed(11)
-    images, texts = F.normalize(torch.randn(6, 8), dim=-1), F.normalize(torch.randn(6, 8), dim=-1)
-    rows = slice(0, 3) if rank == 0 else slice(3, 6)
+    images, texts = _global_batch()
+    rows = SHARDS[rank]
     out = {}
-    for with_grad in (False, True):
+    for mode in GLOBAL_LOSS_GRADIENTS:
         img = images[rows].clone().requires_grad_()
         txt = texts[rows].clone().requires_grad_()
-        loss = global_contrastive_loss(img, txt, torch.tensor(2.0), gather_with_grad=with_grad)
+        loss = global_contrastive_loss(img, txt, torch.tensor(2.0, dtype=torch.float64), gradient=mode)
         loss.backward()
-        mean_loss = loss.detach().clone()
-        dist.all_reduce(mean_loss)
-        grads = torch.cat([img.grad, txt.grad], dim=1) / 2  # DDP averages over the 2 ranks
-        gathered = [torch.empty_like(grads) for _ in range(2)]
-        dist.all_gather(gathered, grads)
-        out[with_grad] = {"loss": mean_loss / 2, "grads": torch.cat(gathered)}
+        losses = [torch.zeros((), dtype=torch.float64) for _ in range(2)]
+        dist.all_gather(losses, loss.detach())
+        # each rank's gradient with respect to its own embeddings (no DDP averaging), padded to 4 rows to gather
+        padded = torch.zeros(4, 16, dtype=torch.float64)
+        padded[: rows.stop - rows.start] = torch.cat([img.grad, txt.grad], dim=1)
+        grads = [torch.zeros(4, 16, dtype=torch.float64) for _ in range(2)]
+        dist.all_gather(grads, padded)
+        out[mode] = {"losses": torch.stack(losses), "grads": torch.cat([grads[0][:4], grads[1][:2]])}
     if rank == 0:
         torch.save(out, result_path)
 
 
-def test_global_loss_on_two_processes_matches_one(tmp_path):
+SHARDS = (slice(0, 4), slice(4, 6))  # uneven shards of the 6-pair global batch
+
+
+def _global_batch():
+    generator = torch.Generator().manual_seed(11)
+    images = F.normalize(torch.randn(6, 8, generator=generator, dtype=torch.float64), dim=-1)
+    texts = F.normalize(torch.randn(6, 8, generator=generator, dtype=torch.float64), dim=-1)
+    return images, texts
+
+
+def _hand_built_gradients(mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each process's loss and the gradient every process receives for its own rows, built in one process."""
+    images, texts = _global_batch()
+    scale = torch.tensor(2.0, dtype=torch.float64).exp()
+    img_all, txt_all = images.clone().requires_grad_(), texts.clone().requires_grad_()
+    losses = []
+    for rows in SHARDS:
+        targets = torch.arange(rows.start, rows.stop)
+        if mode == "local_rows":  # every column a constant
+            image_cols, text_cols = img_all.detach(), txt_all.detach()
+        elif mode == "local_rows_and_columns":  # this process's columns carry gradient, the others' do not
+            keep = torch.zeros(6, 1, dtype=torch.float64)
+            keep[rows] = 1
+            image_cols = keep * img_all + (1 - keep) * img_all.detach()
+            text_cols = keep * txt_all + (1 - keep) * txt_all.detach()
+        else:  # "all": gathered with gradient
+            image_cols, text_cols = img_all, txt_all
+        losses.append(0.5 * (F.cross_entropy(scale * img_all[rows] @ text_cols.t(), targets)
+                             + F.cross_entropy(scale * txt_all[rows] @ image_cols.t(), targets)))
+    # with "all" the gather's backward sums every process's loss into each row; otherwise only the own loss reaches it
+    sum(losses).backward()
+    return torch.stack(losses).detach(), torch.cat([img_all.grad, txt_all.grad], dim=1)
+
+
+def test_global_loss_gradient_across_two_processes_is_the_authors_by_default(tmp_path):
+    """The authors gather the other processes' features into fresh tensors: each process's loss sends gradient to its
+    local rows only, none through the gathered columns (its own included). The default reproduces that gradient;
+    each setting matches its hand-built reference, the other settings differ from the authors', and all give the
+    same loss values. In one process every setting is the plain InfoNCE (the authors gather nothing there)."""
+    from hf_longclip.models.configuration_betaclip import GLOBAL_LOSS_GRADIENTS
     from hf_longclip.models.losses_betaclip import global_contrastive_loss
 
+    assert BetaCLIPConfig().global_loss_gradient == "local_rows"
     result = tmp_path / "result.pt"
     spawn_distributed(_global_loss_worker, args=(str(result),))
     out = torch.load(result, weights_only=True)
-    torch.manual_seed(11)
-    images = F.normalize(torch.randn(6, 8), dim=-1).requires_grad_()
-    texts = F.normalize(torch.randn(6, 8), dim=-1).requires_grad_()
-    loss = global_contrastive_loss(images, texts, torch.tensor(2.0))
-    loss.backward()
-    single_grads = torch.cat([images.grad, texts.grad], dim=1)
-    for with_grad in (False, True):
-        torch.testing.assert_close(out[with_grad]["loss"], loss.detach())
-    # with gradient through the gather, DDP-averaged gradients equal the single-process ones ...
-    torch.testing.assert_close(out[True]["grads"], single_grads)
-    # ... while the authors' gather (no gradient into other ranks' columns) loses part of them
-    assert not torch.allclose(out[False]["grads"], single_grads)
-
+    authors_losses, authors = _hand_built_gradients("local_rows")
+    for mode in GLOBAL_LOSS_GRADIENTS:
+        losses, reference = _hand_built_gradients(mode)
+        torch.testing.assert_close(out[mode]["losses"], authors_losses, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(out[mode]["grads"], reference, rtol=1e-10, atol=1e-12, msg=lambda m: f"{mode}: {m}")
+        if mode != "local_rows":
+            assert (out[mode]["grads"] - authors).norm() / authors.norm() > 0.1, mode
+    images, texts = _global_batch()
+    single = []
+    for mode in GLOBAL_LOSS_GRADIENTS:
+        img, txt = images.clone().requires_grad_(), texts.clone().requires_grad_()
+        global_contrastive_loss(img, txt, torch.tensor(2.0, dtype=torch.float64), gradient=mode).backward()
+        single.append(torch.cat([img.grad, txt.grad], 1))
+    torch.testing.assert_close(single[0], single[1], rtol=0, atol=0)
+    torch.testing.assert_close(single[0], single[2], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="global_loss_gradient must be one of"):
+        BetaCLIPConfig(global_loss_gradient="rows")
+    assert BetaCLIPConfig(global_loss_gather_with_grad=True).global_loss_gradient == "all"  # the old boolean

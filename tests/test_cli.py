@@ -84,7 +84,15 @@ def test_stretch_saves_a_model_equal_to_from_clip(clip_dir, stretched_dir, input
     assert torch.equal(processor(text=[LONG_CAPTION], return_tensors="pt")["input_ids"], text["input_ids"][:1])
     for ours, expected in zip(_features(model.eval(), text, pixels), _features(reference, text, pixels)):
         torch.testing.assert_close(ours, expected, rtol=0, atol=0)
-    torch.testing.assert_close(model.logit_scale, torch.tensor(4.6052))  # reset to ln(100) as Long-CLIP does
+    source = CLIPModel.from_pretrained(clip_dir)
+    torch.testing.assert_close(model.logit_scale, source.logit_scale)  # the source's, kept by default
+
+
+def test_stretch_can_reset_the_logit_scale_as_long_clip_does(clip_dir, tmp_path):
+    assert main(["stretch", "--base", str(clip_dir), "--output", str(tmp_path), "--reset-logit-scale"]) == 0
+    model = AutoModel.from_pretrained(tmp_path)
+    torch.testing.assert_close(model.logit_scale, torch.tensor(4.6052))  # the authors' --log_scale
+    assert model.config.logit_scale_init_value == 4.6052
 
 
 @pytest.mark.parametrize("variant", [name for name in VARIANTS if name != "longclip"])
@@ -106,8 +114,7 @@ def test_stretch_variants(clip_dir, stretched_dir, inputs, tmp_path, variant):
 
 def test_stretch_geometry_and_logit_scale(clip_dir, tmp_path, capsys):
     out = tmp_path / "k10r2"
-    assert main(["stretch", "--base", str(clip_dir), "--output", str(out), "--keep", "10", "--ratio", "2",
-                 "--keep-logit-scale"]) == 0
+    assert main(["stretch", "--base", str(clip_dir), "--output", str(out), "--keep", "10", "--ratio", "2"]) == 0
     assert f"(77 -> 144 positions, keep 10, ratio 2) and LongCLIPProcessor to {out}" in capsys.readouterr().out
     model = AutoModel.from_pretrained(out)
     assert model.config.text_config.max_position_embeddings == 10 + 2 * 67

@@ -9,6 +9,8 @@ from huggingface_hub.dataclasses import strict
 from .configuration_longclip import LongCLIPConfig
 
 BETA_CAL_MODES = ("ce", "bce")
+#: Which features of the global InfoNCE carry gradient across processes (see `BetaCLIPConfig.global_loss_gradient`).
+GLOBAL_LOSS_GRADIENTS = ("local_rows", "local_rows_and_columns", "all")
 
 
 @strict
@@ -53,9 +55,13 @@ class BetaCLIPConfig(LongCLIPConfig):
         bce_mean_over_all_pairs (`bool`, *optional*, defaults to `False`):
             BCE form: divide by all ``(B*K)^2`` entries as the authors' ``mean`` does (True), or by the number of
             valid pairs (False).
-        global_loss_gather_with_grad (`bool`, *optional*, defaults to `False`):
-            Under torch.distributed, let the gradient flow through the other ranks' gathered features. The authors
-            gather without gradient (only local rows get gradient), which is the default.
+        global_loss_gradient (`str`, *optional*, defaults to `"local_rows"`):
+            Which features of the global CLS <-> caption InfoNCE carry gradient under torch.distributed (one process:
+            all of them, whatever the setting). ``"local_rows"``: only this process's rows; every gathered column,
+            this process's own included, is a constant (the authors' SLIP-style gather). ``"local_rows_and_columns"``:
+            this process's features also carry gradient where they stand among the gathered columns.
+            ``"all"``: gather with gradient, so each process's loss also sends gradient to the other processes' rows
+            (open_clip's ``gather_with_grad``).
         text_length_buckets (`int`, *optional*, defaults to 1):
             Sentences and phrases are encoded one granularity at a time, each at the length of its own longest
             valid row; with ``n > 1`` the valid rows of a granularity are sorted by length and encoded in ``n``
@@ -88,11 +94,19 @@ class BetaCLIPConfig(LongCLIPConfig):
     beta_cal_loss_weight: float | int = 1.0
     ce_mask_invalid_columns: bool = True
     bce_mean_over_all_pairs: bool = False
-    global_loss_gather_with_grad: bool = False
+    global_loss_gradient: str = "local_rows"
     text_length_buckets: int = 1
     tci_chunk_size: int = 64
 
     def __post_init__(self, **kwargs):
+        # The boolean this field replaces: False was documented as the authors' gather (now "local_rows").
+        legacy = kwargs.pop("global_loss_gather_with_grad", None)
+        if legacy is not None:
+            self.global_loss_gradient = "all" if legacy else "local_rows"
+        if self.global_loss_gradient not in GLOBAL_LOSS_GRADIENTS:
+            raise ValueError(
+                f"global_loss_gradient must be one of {GLOBAL_LOSS_GRADIENTS}, got {self.global_loss_gradient!r}"
+            )
         if self.beta_cal_mode not in BETA_CAL_MODES:
             raise ValueError(f"beta_cal_mode must be one of {BETA_CAL_MODES}, got {self.beta_cal_mode!r}")
         if self.beta_cal_beta < 0 or self.beta_cal_alpha < 0:
@@ -116,4 +130,4 @@ class BetaCLIPConfig(LongCLIPConfig):
             )
 
 
-__all__ = ["BetaCLIPConfig"]
+__all__ = ["BetaCLIPConfig", "GLOBAL_LOSS_GRADIENTS"]

@@ -204,26 +204,35 @@ class BetaCALoss(nn.Module):
 
 
 def global_contrastive_loss(
-    image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor, gather_with_grad: bool = False
+    image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor, gradient: str = "local_rows"
 ) -> torch.Tensor:
-    """beta-CLIP's CLS <-> caption InfoNCE (no label smoothing), local-loss form under torch.distributed.
+    """beta-CLIP's CLS <-> caption InfoNCE (no label smoothing): this process's rows against every process's columns.
 
-    With ``gather_with_grad=False`` (the authors' SLIP-style gather) the other ranks' columns are constants and only
-    this rank's rows and columns carry gradient; with True the gradient also flows to the rows other ranks gathered.
-    Without a process group both are the plain symmetric InfoNCE.
+    Args:
+        image_embeds, text_embeds (`torch.Tensor` of shape `(B, D)`): this process's L2-normalised embeddings.
+        logit_scale (`torch.Tensor`): log of the inverse temperature.
+        gradient (`str`): which features carry gradient under torch.distributed: ``"local_rows"`` (the authors': the
+            gathered columns are constants, this process's own among them), ``"local_rows_and_columns"`` (this
+            process's features also carry gradient as columns) or ``"all"`` (gather with gradient). Without a process
+            group every setting is the plain symmetric InfoNCE with gradient everywhere, as the authors' code, which
+            gathers nothing then.
     """
     rank, world = distributed_context()
-    if gather_with_grad or world == 1:
+    if world == 1 or gradient == "all":
         return local_contrastive_loss(image_embeds, text_embeds, logit_scale, 0.0, gather=True)
+    if gradient not in ("local_rows", "local_rows_and_columns"):
+        raise ValueError(f"gradient must be 'local_rows', 'local_rows_and_columns' or 'all', got {gradient!r}")
     batch = image_embeds.shape[0]
     sizes = gather_no_grad(torch.tensor([batch], device=image_embeds.device))
     offset = int(sizes[:rank].sum())
 
-    def splice(local: torch.Tensor) -> torch.Tensor:
+    def columns(local: torch.Tensor) -> torch.Tensor:
         gathered = gather_no_grad(local)
+        if gradient == "local_rows":
+            return gathered
         return torch.cat([gathered[:offset], local, gathered[offset + batch :]], dim=0)
 
-    image_all, text_all = splice(image_embeds), splice(text_embeds)
+    image_all, text_all = columns(image_embeds), columns(text_embeds)
     scale = logit_scale.exp()
     targets = torch.arange(offset, offset + batch, device=image_embeds.device)
     return 0.5 * (

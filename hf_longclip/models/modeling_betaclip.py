@@ -18,8 +18,8 @@ from .configuration_betaclip import BetaCLIPConfig
 from .losses_betaclip import BetaCALoss, global_contrastive_loss
 from .modeling_longclip import CLIPVariantOutput, EncoderRecorder, LongCLIPModel, resolve_output_flags
 
-#: Upper bound of both logit scales (the authors clamp to [0, ln 100] after every optimiser step).
-MAX_LOGIT_SCALE = math.log(100.0)
+#: Upper bound of both logit scales: the authors clamp them to [0, 4.6052] (ln 100, rounded) after every step.
+MAX_LOGIT_SCALE = 4.6052
 
 
 class TextConditionedPooler(nn.Module):
@@ -159,7 +159,7 @@ class BetaCLIPModel(LongCLIPModel):
     `BetaCLIPCollator`). The query slots of an image are `[caption, sentences..., phrases...]`
     (`Kq = 1 + Ks + Kp`). `forward(..., return_loss=True)` returns the global CLS <-> caption InfoNCE and beta-CAL.
     After every optimiser step the trainer should call :meth:`clamp_logit_scales` (both temperatures are kept in
-    [0, ln 100], as in the authors' code).
+    [0, 4.6052], ln 100 rounded, as the authors clamp).
 
     At inference the CLS and EOT embeddings are a stock CLIP's (`retrieval_scorings` "global"); "tci" scores each
     image conditioned on each query text against that text.
@@ -210,7 +210,7 @@ class BetaCLIPModel(LongCLIPModel):
 
     @torch.no_grad()
     def clamp_logit_scales(self) -> None:
-        """Clamp the global and the beta-CAL log temperatures to [0, ln 100] in place.
+        """Clamp the global and the beta-CAL log temperatures to [0, 4.6052] in place (the authors' bound: ln 100, rounded).
 
         Call after every optimiser step (the authors do), e.g.
         ``optimizer.step(); unwrap(model).clamp_logit_scales()``.
@@ -656,7 +656,7 @@ class BetaCLIPModel(LongCLIPModel):
         if return_loss:
             cfg = self.config
             loss_global = global_contrastive_loss(
-                image_embeds, text_embeds, self.logit_scale, cfg.global_loss_gather_with_grad
+                image_embeds, text_embeds, self.logit_scale, cfg.global_loss_gradient
             )
             loss_beta_cal = self.beta_cal(
                 conditioned, query_embeds, query_mask, self.text_conditioned_pooler.logit_scale

@@ -669,8 +669,9 @@ class LongCLIPModel(CLIPModel):
                 model of this variant is loaded as it is; another hf_longclip model (e.g. a trained Long-CLIP) gives
                 its backbone, already stretched, and this variant's heads are added fresh.
             position_keep, position_ratio: the stretch geometry of a stock source (default 20 and 4: 77 -> 248 rows).
-            reset_logit_scale: set ``logit_scale`` to ln(100) as Long-CLIP does before fine-tuning (default: True for
-                a stock CLIP, False for an hf_longclip source).
+            reset_logit_scale: set ``logit_scale`` to 4.6052 (ln 100 rounded), as Long-CLIP's and FineLIP's training
+                code does before fine-tuning (their recipes ask for it). Default: keep the source's value, as the
+                authors of beta-CLIP do (OpenAI's CLIPs already hold 4.6052).
             kwargs: this variant's config fields (loss weights, head sizes, ...), and loading options: ``dtype``,
                 ``attn_implementation``, ``device_map`` (a single device) for any source; ``revision``, ``cache_dir``,
                 ``token``, ``local_files_only``, ... for a Hub id or folder. Anything else raises `TypeError`.
@@ -730,7 +731,7 @@ class LongCLIPModel(CLIPModel):
     ) -> LongCLIPModel:
         """This variant built around the weights of `source` (a stock CLIP is stretched; an hf_longclip model is not)."""
         family = isinstance(source, LongCLIPModel)
-        reset = (not family) if reset_logit_scale is None else reset_logit_scale
+        reset = bool(reset_logit_scale)
         if reset:
             fields = {**fields, "logit_scale_init_value": LONGCLIP_LOGIT_SCALE}
         config = cls.config_from_clip(source.config, **fields)

@@ -43,9 +43,10 @@ class ModelArguments:
     )
     position_keep: int = field(default=20, metadata={"help": "leading text positions copied and frozen"})
     position_ratio: int = field(default=4, metadata={"help": "rows each remaining source position becomes"})
-    reset_logit_scale: bool | None = field(
-        default=None,
-        metadata={"help": "set logit_scale to ln(100) (default: yes from a stock CLIP, no from an hf_longclip model)"},
+    reset_logit_scale: bool = field(
+        default=False,
+        metadata={"help": "set logit_scale to 4.6052 (ln 100) before training, as Long-CLIP's and FineLIP's code does "
+                          "(their recipes set it); default: keep the source model's"},
     )
     gradient_checkpointing: Literal["none", "all", "text"] = field(
         default="none", metadata={"help": "activation checkpointing: none, all towers, or the text tower only"}
