@@ -133,10 +133,12 @@ def _describe(model) -> str:
 def _add_convert(subparsers) -> None:
     p = subparsers.add_parser(
         "convert",
-        help="convert the authors' original Long-CLIP .pt checkpoint (longclip-B.pt / -L.pt) to a saved model folder",
-        description="Reads the .pt with torch.load(weights_only=True) (no pickled code runs), merges the frozen and "
-        "trained position tables, and saves a LongCLIPModel plus a LongCLIPProcessor built from a stock CLIP's "
-        "tokenizer and image processor, so AutoModel / AutoProcessor.from_pretrained(OUTPUT) work.",
+        help="convert the authors' released .pt checkpoints (Long-CLIP, FineLIP, beta-CLIP) to a saved model folder",
+        description="Reads the .pt with torch.load(weights_only=True) (no pickled code runs), recognises the layout "
+        "(or takes --variant), merges the frozen and trained position tables, keeps FineLIP's aggregation heads and "
+        "beta-CLIP's pooling block and temperatures, and saves the model plus a LongCLIPProcessor built from a stock "
+        "CLIP's tokenizer and image processor, so AutoModel / AutoProcessor.from_pretrained(OUTPUT) work. Nothing is "
+        "written when the conversion fails.",
     )
     p.add_argument("--checkpoint", required=True, help="the original .pt file")
     p.add_argument("--output", required=True, help="output folder")
@@ -147,6 +149,11 @@ def _add_convert(subparsers) -> None:
         "(default: openai/clip-vit-base-patch16; openai/clip-vit-large-patch14 for longclip-L.pt)",
     )
     source.add_argument("--processor-dir", default=None, help="a local folder holding a CLIP tokenizer + image processor")
+    p.add_argument("--variant", default=None, help="the checkpoint's variant (default: recognised from its keys)")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="FIELD=VALUE",
+        help="a field of the variant's config (repeatable), e.g. --set beta_cal_mode=bce for beta-CLIP's BCE model",
+    )
     p.add_argument("--keep", type=int, default=20, help="leading position rows the authors kept frozen (default 20)")
     p.add_argument("--text-heads", type=int, default=None, help="text attention heads (default: width // 64, as OpenAI)")
     p.add_argument("--vision-heads", type=int, default=None, help="image attention heads (default: width // 64)")
@@ -163,16 +170,15 @@ def _run_convert(args) -> int:
         raise CommandError(f"--processor-dir {args.processor_dir!r} is not a folder")
     processor_source = args.processor_dir or args.base_processor or "openai/clip-vit-base-patch16"
     processor = _load_processor(processor_source, 248)  # before the (slow) conversion, so a bad source fails fast
+    fields = _parse_set(args.set)  # checked against the recognised variant's config by the converter
     try:
         model = convert_original_checkpoint(
-            checkpoint, position_keep=args.keep, text_num_heads=args.text_heads, vision_num_heads=args.vision_heads
+            checkpoint, variant=args.variant, position_keep=args.keep, text_num_heads=args.text_heads,
+            vision_num_heads=args.vision_heads, **fields,
         )
     except Exception as error:  # torch.load's refusals, missing keys, wrong shapes: all mean "not this format"
         hint = " (--text-heads / --vision-heads)" if "num_heads" in str(error) else ""
-        raise CommandError(
-            f"cannot convert {args.checkpoint!r} (expected the authors' OpenAI-CLIP-layout Long-CLIP state dict): "
-            f"{type(error).__name__}: {_one_line(error)}{hint}"
-        ) from error
+        raise CommandError(f"cannot convert {args.checkpoint!r}: {type(error).__name__}: {_one_line(error)}{hint}") from error
     processor.tokenizer.model_max_length = _text_length(model)
     _check_processor_fits(processor, model, processor_source)
     _take_special_ids(model, processor.tokenizer)
@@ -210,21 +216,29 @@ def _add_stretch(subparsers) -> None:
     p.set_defaults(handler=_run_stretch)
 
 
-def _config_fields(pairs: list[str], model_class) -> dict:
-    """``FIELD=VALUE`` strings -> keyword arguments, checked against the fields the variant's `from_clip` takes."""
+def _parse_set(pairs: list[str]) -> dict:
+    """``FIELD=VALUE`` strings -> keyword arguments (VALUE read as JSON, else as a string)."""
     fields = {}
-    config_class = model_class.config_class
-    known = set(model_class.variant_config_fields())
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         if not sep or not key:
             raise CommandError(f"--set expects FIELD=VALUE, got {pair!r}")
-        if key not in known:
-            raise CommandError(f"{config_class.__name__} has no field {key!r}; fields: {', '.join(sorted(known))}")
         try:
             fields[key] = json.loads(raw)
         except json.JSONDecodeError:
             fields[key] = raw
+    return fields
+
+
+def _config_fields(pairs: list[str], model_class) -> dict:
+    """`_parse_set`, checked against the fields the variant's `from_clip` takes."""
+    fields = _parse_set(pairs)
+    known = set(model_class.variant_config_fields())
+    for key in fields:
+        if key not in known:
+            raise CommandError(
+                f"{model_class.config_class.__name__} has no field {key!r}; fields: {', '.join(sorted(known))}"
+            )
     return fields
 
 
