@@ -16,9 +16,8 @@ import zipfile
 import torch
 
 from .models.configuration_longclip import CLIP_CONTEXT_LENGTH, LongCLIPConfig, validate_stretch
-from .models.modeling_betaclip import BetaCLIPModel
-from .models.modeling_finelip import FineLIPModel
 from .models.modeling_longclip import LongCLIPModel
+from .variants import get_variant
 
 #: The authors' checkpoint layouts this module reads, by variant.
 ORIGINAL_LAYOUTS = {
@@ -71,7 +70,9 @@ def detect_original_variant(state: dict[str, torch.Tensor]) -> str:
     if any(k.startswith("text_conditioned_patches_block.") for k in state) or "visual.patch_embed.proj.weight" in state:
         return "betaclip"
     if "visual.conv1.weight" in state and "token_embedding.weight" in state:
-        return "finelip" if any(k.startswith("cross_net.") for k in state) else "longclip"
+        if any(k.startswith("cross_net.") for k in state):
+            return "finelip"
+        return "longclip"
     sample = ", ".join(sorted(state)[:6])
     raise ValueError(
         f"unrecognised checkpoint layout (keys such as {sample}); known layouts: "
@@ -342,8 +343,8 @@ def convert_original_checkpoint(
 
     Args:
         path: the checkpoint (read with ``weights_only=True``).
-        variant: ``"longclip"``, ``"finelip"`` or ``"betaclip"`` (see `ORIGINAL_LAYOUTS`); inferred from the keys
-            when None. A checkpoint of another layout raises `ValueError`.
+        variant: a key of `ORIGINAL_LAYOUTS` (the variant whose released checkpoints the file is); inferred from the
+            keys when None. A checkpoint of another layout raises `ValueError`.
         position_keep: leading position rows the authors kept frozen (20).
         text_num_heads, vision_num_heads: head counts, when ``width // 64`` (OpenAI's rule) does not give them.
         config_overrides: config fields of the variant (e.g. ``beta_cal_mode="bce"`` for beta-CLIP's BCE model).
@@ -366,7 +367,7 @@ def convert_original_checkpoint(
             raise ValueError(f"no converter for {variant!r}; known layouts: {', '.join(ORIGINAL_LAYOUTS)}")
         raise ValueError(f"{path} holds a {found} checkpoint ({ORIGINAL_LAYOUTS[found]}), not a {variant} one")
     state = {k: v.float() for k, v in state.items() if k.split(".")[0] not in _IGNORED and k not in _IGNORED}
-    model_class = {"longclip": LongCLIPModel, "finelip": FineLIPModel, "betaclip": BetaCLIPModel}[found]
+    model_class = get_variant(found).model_class
     unknown = set(config_overrides) - model_class.variant_config_fields() - {"source_max_position_embeddings", "position_ratio"}
     if unknown:
         raise TypeError(f"{model_class.config_class.__name__} has no fields {sorted(unknown)}")

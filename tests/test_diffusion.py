@@ -400,7 +400,7 @@ def test_examples_run_tiny(tmp_path, name, capsys):
 
 def test_original_pt_checkpoint_as_text_encoder(tmp_path):
     """The authors' .pt file (OpenAI layout, two position tables) is converted on the fly."""
-    conversion_tests = _load_module(ROOT / "tests" / "test_longclip_distributed_and_conversion.py")
+    conversion_tests = _load_module(ROOT / "tests" / "test_conversion.py")
     longclip = tiny_longclip(hidden_size=128)  # the converter infers heads as width // 64
     path = tmp_path / "longclip-tiny.pt"
     torch.save(conversion_tests._to_openai_layout(longclip, keep=20), path)
