@@ -1,7 +1,10 @@
-"""The ``hf-longclip`` command: the ``convert``, ``stretch``, ``export``, ``evaluate`` and ``push`` sub-commands.
+"""The ``hf-longclip`` command: the ``train``, ``convert``, ``stretch``, ``export``, ``evaluate`` and ``push``
+sub-commands, and ``--version``.
 
 Sub-commands are registered in :data:`SUBCOMMANDS`; a handler reports bad input by raising :class:`CommandError`
-(one ``error: ...`` line, exit status 1). See docs/longclip.md (Command line) and docs/evaluation.md.
+(one ``error: ...`` line, exit status 1). ``hf-longclip train ...`` hands its words to the training entry point
+(:mod:`hf_longclip.train`, which has its own settings parser). See docs/training.md, docs/longclip.md (Command line)
+and docs/evaluation.md.
 """
 
 from __future__ import annotations
@@ -24,12 +27,18 @@ def _one_line(error: BaseException | str) -> str:
 
 
 def _load_model_and_processor(source: str, revision: str | None, trust_remote_code: bool, device: str | None = None):
+    """The model and processor saved at `source`, or a `CommandError` saying why they cannot be loaded."""
     import hf_longclip  # noqa: F401  (registers the Auto classes)
     from transformers import AutoModel, AutoProcessor
 
+    if _looks_local(source) and not Path(source).is_dir():
+        raise CommandError(f"--model {source!r} is not a folder")
     kwargs = {"revision": revision} if revision else {}
-    model = AutoModel.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
-    processor = AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
+    try:
+        model = AutoModel.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
+        processor = AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
+    except (OSError, ValueError, KeyError) as error:  # no config / weights / processor files, an unknown model_type
+        raise CommandError(f"cannot load a model and processor from {source!r}: {_one_line(error)}") from error
     if device:
         model = model.to(device)
     return model.eval(), processor
@@ -399,7 +408,7 @@ def _run_evaluate(args) -> int:
             batch_size=args.batch_size, device=device, dtype=dtype, num_workers=args.num_workers, progress=not args.no_progress
         )
     except ValueError as error:
-        raise SystemExit(f"error: {error}") from error
+        raise CommandError(str(error)) from error
     model, processor = _load_model_and_processor(args.model, args.revision, args.trust_remote_code, device)
     splits = args.fgovd_splits.split(",") if args.fgovd_splits else None
     try:
@@ -408,7 +417,7 @@ def _run_evaluate(args) -> int:
             fgovd_splits=splits, zeroshot_templates=args.templates, output=args.output, model_name=args.model,
         )
     except (BenchmarkLayoutError, ValueError, TypeError) as error:
-        raise SystemExit(f"error: {error}") from error
+        raise CommandError(str(error)) from error
     for name, metrics in report["benchmarks"].items():
         shown = {k: round(v, 2) for k, v in metrics.items() if isinstance(v, float) and ("R@" in k or "top" in k or "accuracy" in k)}
         print(f"{name}: {json.dumps(shown)}")
@@ -467,8 +476,18 @@ def _run_push(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------------- train
+def _add_train(subparsers) -> None:
+    # Listed here for `hf-longclip --help`; `main` hands everything after "train" to the trainer's own parser.
+    subparsers.add_parser(
+        "train", add_help=False,
+        help="fine-tune a variant (settings: hf-longclip train --help; same as accelerate launch -m hf_longclip.train)",
+    )
+
+
 #: Sub-command name -> function adding its parser to the sub-parsers action.
 SUBCOMMANDS: dict[str, Callable] = {
+    "train": _add_train,
     "convert": _add_convert,
     "stretch": _add_stretch,
     "export": _add_export,
@@ -479,6 +498,7 @@ SUBCOMMANDS: dict[str, Callable] = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-longclip", description="Long-context CLIP models on Hugging Face")
+    parser.add_argument("--version", action="version", version=_version_line())
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
     for add in SUBCOMMANDS.values():
@@ -486,8 +506,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _version_line() -> str:
+    import torch
+    import transformers
+
+    from . import __version__
+
+    return f"hf-longclip {__version__} (transformers {transformers.__version__}, torch {torch.__version__})"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``hf-longclip`` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:
+        from .train import main as train
+
+        train(argv[1:])
+        return 0
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)

@@ -14,16 +14,16 @@ from pathlib import Path
 import yaml
 from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData
 
+from .resources import shipped_dir
 from .variants import get_variant
+
 
 def _template_dir() -> Path:
     """``$HF_LONGCLIP_CARD_TEMPLATES``, else the templates shipped in the wheel (``hf_longclip/model_cards/``),
     else ``model_cards/`` at the top of a source checkout (editable installs)."""
     if os.environ.get("HF_LONGCLIP_CARD_TEMPLATES"):
         return Path(os.environ["HF_LONGCLIP_CARD_TEMPLATES"])
-    here = Path(__file__).resolve().parent
-    shipped = here / "model_cards"
-    return shipped if (shipped / "base.md").is_file() else here.parent / "model_cards"
+    return shipped_dir("model_cards", "model_cards", "base.md")
 
 
 #: Where the card templates live (see `_template_dir`).

@@ -286,6 +286,12 @@ def test_bad_inputs_exit_non_zero_with_one_line(clip_dir, stretched_dir, tmp_pat
         (["export", "--model", str(clip_dir), "--output", out, "--format", "clip"], "not an hf_longclip model"),
         (["export", "--model", str(bert), "--output", out, "--format", "text"], "not an hf_longclip model"),
         (["export", "--model", str(stretched_dir), "--output", out, "--format", "onnx"], "unknown format 'onnx'"),
+        # evaluate / push with a --model that is not a saved model: one line, not a traceback
+        (["evaluate", "--model", str(tmp_path / "missing"), "--data-root", out], "is not a folder"),
+        (["evaluate", "--model", str(tmp_path / "empty"), "--data-root", out], "cannot load a model and processor"),
+        (["evaluate", "--model", str(bert), "--data-root", out], "cannot load a model and processor"),
+        (["push", "--model", str(tmp_path / "empty"), "--repo-id", "me/x"], "cannot load a model and processor"),
+        (["push", "--model", str(tmp_path / "missing"), "--repo-id", "me/x"], "is not a folder"),
     ]
     for argv, expected in cases:
         assert main(argv) == 1, argv

@@ -1,4 +1,5 @@
-"""training_scripts/train.py end to end: quickstart per variant, 2 processes == 1, resume, bad data, trackers."""
+"""The training entry point end to end (through training_scripts/train.py, the thin wrapper over
+hf_longclip.train): quickstart per variant, 2 processes == 1, resume, bad data, trackers."""
 
 from __future__ import annotations
 
@@ -257,9 +258,15 @@ def test_bad_samples_are_skipped_counted_and_reported(tmp_path):
     per_epoch = {"corrupt": 2, "empty": 1, "missing": 1, "too_large": 1, "empty_caption": 1, "non_string_caption": 1}
     assert summary["skipped_samples"] == {k: 2 * v for k, v in per_epoch.items()}
     assert list((tmp_path / "run").rglob("events.out.tfevents.*")), "the tensorboard tracker wrote nothing"
-    # --strict stops at start-up, naming the problem, before any training
+    # --strict stops at start-up, naming the problem, before any training: a ValueError from Python, one line from
+    # the command line
+    from hf_longclip.training import main as train_from_python
+
+    strict = [*flags, "--strict", "true", "--output_dir", tmp_path / "strict"]
     with pytest.raises(ValueError, match=r"bad sample at index 17 .*empty\.png.*: empty"):
-        train(*flags, "--strict", "true", "--output_dir", tmp_path / "strict")
+        train_from_python([str(f) for f in strict])
+    with pytest.raises(SystemExit, match=r"^error: bad sample at index 17 .*empty\.png.*: empty"):
+        train(*strict)
     assert not (tmp_path / "strict" / "checkpoints").exists()
 
 

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Quickstart: set up .venv (once), train a small Long-CLIP on generated long-caption scenes (about a minute or two on
 # a laptop CPU), print held-out retrieval before and after, then load the saved model with AutoModel and use it.
-# Extra arguments go to the training script, e.g. `bash training_scripts/quickstart.sh --variant finelip`.
+# Extra arguments go to the trainer (hf_longclip.train; `--help` lists them), e.g.
+# `bash training_scripts/quickstart.sh --variant finelip`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash .ci/setup
 export HF_HUB_OFFLINE=1
 .venv/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
-    training_scripts/train.py --config training_scripts/configs/quickstart.yaml "$@"
+    -m hf_longclip.train --config quickstart "$@"
 .venv/bin/python examples/quickstart_inference.py

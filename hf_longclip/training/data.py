@@ -240,19 +240,15 @@ class SeededCollator:
 
 
 def seed_step(seed: int, step: int, rank: int) -> None:
-    """Seed python, numpy and torch (CPU and CUDA) from (seed, step, rank) at the start of an optimiser step.
+    """Seed python, numpy and torch (every device) from (seed, step, rank) at the start of an optimiser step, with
+    accelerate's `set_seed`.
 
     Random choices inside the model (Fix-CLIP's patch masks, dropout) then depend only on the step, not on how much
     randomness earlier steps, data loading or evaluation consumed, which makes resumed runs bit-identical.
     """
-    import random
+    from accelerate.utils import set_seed
 
-    import numpy as np
-
-    value = (seed * 1_000_003 + step) * 10_007 + rank
-    random.seed(value)
-    np.random.seed(value % (2**32))
-    torch.manual_seed(value)
+    set_seed(((seed * 1_000_003 + step) * 10_007 + rank) % 2**32)  # numpy takes seeds below 2**32
 
 
 __all__ += ["SeededCollator", "seed_step"]
