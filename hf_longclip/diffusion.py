@@ -26,6 +26,7 @@ from transformers import (
     PreTrainedConfig,
 )
 
+from .extras import require
 from .models.configuration_longclip import CLIP_CONTEXT_LENGTH, validate_stretch
 from .models.modeling_longclip import LongCLIPModel, stretch_position_embeddings
 
@@ -345,6 +346,7 @@ def long_prompt_sd_pipeline(
 
     if isinstance(base, (str, os.PathLike)):
         if pipeline_class is None:
+            require("diffusers", "diffusion")
             from diffusers import StableDiffusionPipeline as pipeline_class
         base_tokenizer = (
             _load_tokenizer(base, "tokenizer", **from_pretrained_kwargs)
@@ -444,6 +446,7 @@ def long_prompt_sdxl_pipeline(
     long_1, long_2 = load(text_encoder, False), load(text_encoder_2, True)
     if isinstance(base, (str, os.PathLike)):
         if pipeline_class is None:
+            require("diffusers", "diffusion")
             from diffusers import StableDiffusionXLPipeline as pipeline_class
         # Check widths from the base's configs before loading the (large) pipeline.
         hub_kwargs = {k: from_pretrained_kwargs[k] for k in _HUB_KWARGS if k in from_pretrained_kwargs}
@@ -780,6 +783,7 @@ def _tiny_text_config(tokenizer: CLIPTokenizer, hidden_size: int, projection_dim
 
 
 def _tiny_vae_and_scheduler():
+    require("diffusers", "diffusion")
     from diffusers import AutoencoderKL, EulerDiscreteScheduler
 
     vae = AutoencoderKL(
@@ -801,6 +805,7 @@ def tiny_sd_base_pipeline(seed: int = 0, hidden_size: int = 32) -> Any:
 
     The tokenizer pads with the end-of-text token, like HF's SD-1.x tokenizer. Generate at 32x32.
     """
+    require("diffusers", "diffusion")
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
     from .data.tokenizer import build_clip_tokenizer
@@ -836,6 +841,7 @@ def tiny_sd_base_pipeline(seed: int = 0, hidden_size: int = 32) -> Any:
 
 def tiny_sdxl_base_pipeline(seed: int = 0, hidden_size: int = 32, hidden_size_2: int = 32, projection_dim_2: int = 16) -> Any:
     """A random tiny stock (77-token) `StableDiffusionXLPipeline`; ``tokenizer_2`` pads with ``!`` as SDXL's does."""
+    require("diffusers", "diffusion")
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 
     from .data.tokenizer import build_clip_tokenizer

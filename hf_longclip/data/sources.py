@@ -213,7 +213,9 @@ def load_hf_dataset(
     Returns:
         `datasets.Dataset` or `datasets.IterableDataset`.
     """
-    import datasets
+    from ..extras import require
+
+    datasets = require("datasets", "train", "reading a `datasets` source")
 
     path = os.fspath(name_or_path)
     if os.path.isdir(path) and os.path.exists(os.path.join(path, "state.json")):
