@@ -274,3 +274,24 @@ def test_invalid_recipe_value_stops_before_any_work(tmp_path):
     with pytest.raises(SystemExit, match="learning_rate must be >= 0"):
         train(*TINY, "--learning_rate", "-0.1", "--output_dir", tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_log_lines_are_printed_above_the_progress_bar_not_inside_it(tmp_path):
+    """accelerate's checkpoint messages and our own log lines each start a line of their own while the tqdm bar is
+    shown (without the redirect they were glued to the bar's last frame)."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    flags = [*TINY, "--disable_progress_bar", "false", "--synthetic_num_train", "128", "--synthetic_num_eval", "16",
+             "--per_device_train_batch_size", "16", "--max_steps", "4", "--save_steps", "2", "--logging_steps", "1",
+             "--output_dir", tmp_path / "run"]
+    done = subprocess.run([sys.executable, "-m", "hf_longclip.train", *map(str, flags)], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    segments = re.split(r"[\r\n]", done.stderr)  # what a terminal shows as separate (re)drawn lines
+    logged = [s for s in segments if "Saving current state" in s or "hf_longclip.train: checkpoint" in s]
+    assert len(logged) >= 4, done.stderr[-3000:]  # step 2 (in the loop, under the bar) and the final one
+    assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", s) for s in logged), logged
+    assert any(s.startswith("train longclip:") and "4/4" in s for s in segments)  # the bar itself was shown
