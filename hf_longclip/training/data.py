@@ -103,7 +103,7 @@ def add_caption_hierarchies(records, data_args: DataArguments, cache_dir: str | 
         parsed = json.loads(cache.read_text(encoding="utf-8"))
     else:
         logger.info("parsing %d captions with spaCy (once; cached in %s)", len(captions), cache)
-        parsed = parse_hierarchies(captions, n_process=data_args.text_num_proc)
+        parsed = parse_hierarchies(captions, n_process=data_args.text_num_proc, progress=is_main)
         if is_main:
             cache.parent.mkdir(parents=True, exist_ok=True)
             tmp = cache.with_suffix(".tmp")
