@@ -306,7 +306,89 @@ def test_unreadable_images_are_counted(tmp_path, processor, longclip_model):
     report = evaluate(longclip_model, processor, "urban1k", root, settings=SETTINGS)
     urban = report["benchmarks"]["urban1k"]
     assert urban["unreadable_images"] == 1 and urban["num_images"] == 2 and urban["num_texts"] == 2
-    assert urban["unreadable_examples"][0].endswith("2.jpg")
+    assert urban["unreadable_examples"][0].startswith(str(root / "Urban1k" / "image" / "2.jpg") + ": corrupt: ")
+    assert urban["unreadable_reasons"] == {"corrupt": 1}
+
+
+def test_unreadable_images_carry_the_training_loaders_reasons(tmp_path, processor, longclip_model, caplog):
+    """A good image, a truncated JPEG, a missing path and a 0-byte file: each unreadable one is reported with the
+    `BadImageError` reason and detail training gives it, and one WARNING summarises them."""
+    from hf_longclip.data.images import BadImageError, load_image
+    from hf_longclip.evaluation import RetrievalSet, evaluate_retrieval
+
+    good, truncated, missing, empty = (tmp_path / name for name in ("good.jpg", "trunc.jpg", "gone.jpg", "empty.jpg"))
+    _image(good, "red")
+    _image(truncated, "green", size=(64, 64))
+    truncated.write_bytes(truncated.read_bytes()[:300])
+    empty.write_bytes(b"")
+    paths = [good, truncated, missing, empty]
+    data = RetrievalSet("mixed", paths, [f"a {c} photo" for c in ("red", "green", "blue", "yellow")], [0, 1, 2, 3])
+    with caplog.at_level("WARNING", logger="hf_longclip.evaluation"):
+        result = evaluate_retrieval(longclip_model, processor, data, settings=SETTINGS)
+    assert result["num_images"] == 1 and result["num_texts"] == 1 and result["unreadable_images"] == 3
+    assert result["unreadable_reasons"] == {"missing": 1, "empty": 1, "corrupt": 1}
+    expected = []
+    for path in paths[1:]:
+        with pytest.raises(BadImageError) as error:
+            load_image(path)  # what the training loader says about the same file
+        detail = error.value.detail
+        detail = detail[len(str(path)) + 2 :] if detail.startswith(f"{path}: ") else detail
+        expected.append(f"{path}: {error.value.reason}: {detail}")
+    assert result["unreadable_examples"] == expected
+    assert expected[0].startswith(f"{truncated}: corrupt: ") and "truncated" in expected[0].lower()
+    assert expected[1] == f"{missing}: missing: no such file: {missing}"
+    assert expected[2] == f"{empty}: empty: {empty} has 0 bytes"
+    warnings_logged = [r for r in caplog.records if r.levelname == "WARNING" and "unreadable" in r.getMessage()]
+    assert len(warnings_logged) == 1
+    assert "3 unreadable" in warnings_logged[0].getMessage() and "corrupt: 1" in warnings_logged[0].getMessage()
+
+
+def test_zeroshot_and_fgovd_report_unreadable_reasons(tmp_path, processor, longclip_model):
+    root = make_benchmarks(tmp_path)
+    (root / "zeroshot" / "red_thing" / "1.png").write_bytes(b"")
+    (root / "fgovd" / "images" / "1.jpg").unlink()
+    report = evaluate(longclip_model, processor, "zeroshot,fgovd", root, settings=SETTINGS)["benchmarks"]
+    zeroshot = report["zeroshot"]
+    assert zeroshot["unreadable_images"] == 1 and zeroshot["unreadable_reasons"] == {"empty": 1}
+    empty = root / "zeroshot" / "red_thing" / "1.png"
+    assert zeroshot["unreadable_examples"] == [f"{empty}: empty: {empty} has 0 bytes"]
+    split = report["fgovd"]["splits"]["1_attributes"]
+    gone = root / "fgovd" / "images" / "1.jpg"
+    assert split["unreadable_images"] == 1 and split["unreadable_reasons"] == {"missing": 1}
+    assert split["unreadable_examples"] == [f"{gone}: missing: no such file: {gone}"]  # the right image of the split
+    assert split["num_boxes"] == 4 and split["skipped_boxes"] == 2
+
+
+def test_evaluation_decodes_images_like_the_reference(tmp_path, processor):
+    """Evaluation pixels equal the authors' ``Image.open(p).convert("RGB")`` preprocessing: no alpha compositing
+    on white and no EXIF rotation (which the training loader does apply)."""
+    from hf_longclip.data.images import load_image
+    from hf_longclip.evaluation.retrieval import ImageFiles
+
+    rng = np.random.default_rng(0)
+    rgba = rng.integers(0, 256, size=(30, 50, 4), dtype=np.uint8)
+    rgba[:, :25, 3] = 0  # fully transparent half, its colour channels still random
+    png = tmp_path / "rgba.png"
+    Image.fromarray(rgba, "RGBA").save(png)
+    photo = np.zeros((24, 64, 3), dtype=np.uint8)
+    photo[:, :32] = (220, 20, 20)
+    photo[:, 32:] = (20, 20, 220)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees when displayed
+    jpeg = tmp_path / "exif.jpg"
+    Image.fromarray(photo).save(jpeg, exif=exif, quality=95)
+    files = ImageFiles([png, jpeg], processor.image_processor)
+    for index, path in enumerate((png, jpeg)):
+        got_index, pixels, size = files[index]
+        assert got_index == index and pixels is not None
+        with Image.open(path) as image:
+            reference_image = image.convert("RGB")
+        reference = processor.image_processor(reference_image, return_tensors="pt")["pixel_values"][0]
+        assert torch.equal(pixels, reference), path
+        assert size == reference_image.size  # FG-OVD boxes are mapped in the stored (unrotated) frame
+        # the training decoding differs on these files, so equality above is not a coincidence
+        training = processor.image_processor(load_image(path), return_tensors="pt")["pixel_values"][0]
+        assert not torch.equal(training, reference), path
 
 
 def test_fused_scoring_runs_on_finelip_and_is_refused_by_longclip(bench_root, processor, longclip_model):
@@ -375,7 +457,7 @@ def test_box_mapping_follows_resize_and_center_crop(processor):
 
 
 # ----------------------------------------------------------------------------------------------- CLI
-def test_cli_evaluate(bench_root, processor, longclip_model, tmp_path):
+def test_cli_evaluate(bench_root, processor, longclip_model, tmp_path, capsys):
     from hf_longclip.cli import main
 
     model_dir = tmp_path / "model"
@@ -387,9 +469,11 @@ def test_cli_evaluate(bench_root, processor, longclip_model, tmp_path):
     assert code == 0
     saved = json.loads(out.read_text())
     assert saved["benchmarks"]["urban1k"]["num_images"] == 3 and saved["model_type"] == "longclip"
-    with pytest.raises(SystemExit) as error:
-        main(["evaluate", "--model", str(model_dir), "--benchmarks", "dci", "--data-root", str(tmp_path / "none")])
-    assert "densely_captioned_images" in str(error.value.code)
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(model_dir), "--benchmarks", "dci", "--data-root", str(tmp_path / "none")]) == 1
+    err = capsys.readouterr().err
+    lines = [line for line in err.strip().splitlines() if "it/s]" not in line]  # transformers' loading bar
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "densely_captioned_images" in lines[0], err
 
 
 def test_tci_scoring_on_betaclip_and_stock_clip_baseline(bench_root, processor, clip_model):
@@ -414,3 +498,24 @@ def test_tci_scoring_on_betaclip_and_stock_clip_baseline(bench_root, processor, 
 def test_fp16_on_cpu_is_refused(bench_root, processor, longclip_model):
     with pytest.raises(ValueError, match="needs a GPU"):
         evaluate(longclip_model, processor, "urban1k", bench_root, settings=EvalSettings(dtype="fp16", device="cpu", progress=False))
+
+
+def test_reference_decode_keeps_the_checks_and_copies(tmp_path):
+    from hf_longclip.data.images import BadImageError, load_image
+
+    rgba = Image.fromarray(np.random.default_rng(1).integers(0, 256, size=(6, 5, 4), dtype=np.uint8), "RGBA")
+    plain = load_image(rgba, reference_decode=True)
+    assert plain is not rgba and plain.mode == "RGB"
+    assert np.array_equal(np.asarray(plain), np.asarray(rgba.convert("RGB")))
+    rgb = rgba.convert("RGB")
+    assert load_image(rgb, reference_decode=True) is not rgb  # a copy, never the caller's object
+    thin = tmp_path / "thin.png"
+    Image.new("RGB", (1, 40)).save(thin)
+    with pytest.raises(BadImageError) as error:
+        load_image(thin, reference_decode=True)
+    assert error.value.reason == "too_small"
+    big = tmp_path / "big.png"
+    Image.new("RGB", (80, 80)).save(big)
+    with pytest.raises(BadImageError) as error:
+        load_image(big, max_image_pixels=64 * 64, reference_decode=True)
+    assert error.value.reason == "too_large"

@@ -173,7 +173,12 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(source: ImageSource, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+def load_image(
+    source: ImageSource,
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    *,
+    reference_decode: bool = False,
+) -> Image.Image:
     """Load an image as an RGB PIL image, raising `BadImageError` for anything unusable.
 
     Args:
@@ -183,9 +188,16 @@ def load_image(source: ImageSource, max_image_pixels: int | None = DEFAULT_MAX_I
             reject images with more pixels than this, checked from the file header before anything is decoded.
             `None` disables the check (PIL's own decompression-bomb limit, twice `PIL.Image.MAX_IMAGE_PIXELS`,
             still applies and is reported as ``too_large``).
+        reference_decode (`bool`, *optional*, defaults to `False`, keyword-only):
+            decode exactly as the authors' evaluation code does, ``Image.open(path).convert("RGB")``: no EXIF
+            orientation correction, and every mode goes through PIL's plain ``convert("RGB")`` (transparent pixels
+            keep their stored colour instead of becoming white; 16-bit grayscale is clipped by PIL, not scaled).
+            Every check and `BadImageError` reason stays the same. Evaluation uses it so that its numbers match the
+            reference preprocessing pixel for pixel; training keeps the default.
 
     Returns:
-        `PIL.Image.Image`: a fully decoded, EXIF-orientation-corrected RGB image that holds no open file.
+        `PIL.Image.Image`: a fully decoded RGB image that holds no open file; EXIF-orientation-corrected unless
+        `reference_decode` is set.
 
     Raises:
         `BadImageError` with ``reason`` ``missing`` (no such file / no data), ``empty`` (0 bytes), ``corrupt``
@@ -208,8 +220,8 @@ def load_image(source: ImageSource, max_image_pixels: int | None = DEFAULT_MAX_I
         _check_size(image.width, image.height, max_image_pixels, where)
         try:
             image.load()
-            # _exif_transpose always returns a new image, so the caller's object is never handed back or changed.
-            return to_rgb(_exif_transpose(image))
+            # Both paths return a new image, so the caller's object is never handed back or changed.
+            return _decode(image, reference_decode)
         except BadImageError:
             raise
         except Exception as error:  # a lazily opened PIL image can still fail to decode here
@@ -230,14 +242,21 @@ def load_image(source: ImageSource, max_image_pixels: int | None = DEFAULT_MAX_I
             # Decode here, inside the try: PIL decodes lazily, and a truncated file only fails at load time.
             # ImageFile.LOAD_TRUNCATED_IMAGES stays False (a global, and it would hide truncation as grey pixels).
             opened.load()
-            oriented = _exif_transpose(opened)  # always a new image, so closing `opened` is safe
-            return to_rgb(oriented)
+            return _decode(opened, reference_decode)  # always a new image, so closing `opened` is safe
         except Image.DecompressionBombError as error:
             raise BadImageError("too_large", f"{where}: {error}") from None
         except BadImageError:
             raise
         except Exception as error:  # decoders raise OSError, SyntaxError, ValueError, struct.error, ...
             raise BadImageError("corrupt", f"{where}: {type(error).__name__}: {error}") from None
+
+
+def _decode(image: Image.Image, reference_decode: bool) -> Image.Image:
+    """A new RGB image from a loaded one: the training conversion (EXIF orientation, `to_rgb`) or, with
+    `reference_decode`, PIL's plain ``convert("RGB")`` (a copy for RGB images)."""
+    if reference_decode:
+        return image.convert("RGB")
+    return to_rgb(_exif_transpose(image))
 
 
 def _exif_transpose(image: Image.Image) -> Image.Image:

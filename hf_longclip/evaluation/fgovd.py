@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from .metrics import pairwise_accuracy
 from .readers import FGOVDSet
-from .retrieval import EvalSettings, autocast_context, encode_texts, image_batches, model_device
+from .retrieval import EvalSettings, autocast_context, encode_texts, image_batches, model_device, unreadable_summary
 
 
 def processed_geometry(image_processor) -> tuple[int, int, int]:
@@ -88,7 +88,8 @@ def region_features(patch_tokens: torch.Tensor, boxes_xyxy, crop_hw: tuple[int, 
 
 @torch.inference_mode()
 def evaluate_fgovd_split(model, processor, split: FGOVDSet, settings: EvalSettings | None = None) -> dict:
-    """Accuracy on one FG-OVD split; boxes of unreadable images are skipped and counted."""
+    """Accuracy on one FG-OVD split; boxes of unreadable images are skipped and counted (images counted by reason:
+    ``unreadable_images``, ``unreadable_examples``, ``unreadable_reasons``)."""
     settings = settings or EvalSettings()
     if not hasattr(model, "get_image_token_features"):
         raise TypeError(
@@ -107,7 +108,7 @@ def evaluate_fgovd_split(model, processor, split: FGOVDSet, settings: EvalSettin
     region = {}
     failed = []
     for indices, pixels, sizes, bad in image_batches([split.image_paths[i] for i in wanted], processor.image_processor, settings, desc=split.name):
-        failed.extend(wanted[i] for i in bad)
+        failed.extend(item._replace(index=wanted[item.index]) for item in bad)  # local -> split image index
         if pixels is None:
             continue
         with autocast_context(device, settings.dtype):
@@ -121,7 +122,7 @@ def evaluate_fgovd_split(model, processor, split: FGOVDSet, settings: EvalSettin
                 region[b] = feature
     scored = sorted(region)
     if not scored:
-        return {"accuracy": 0.0, "num_boxes": 0, "unreadable_images": len(failed)}
+        return {"accuracy": 0.0, "num_boxes": 0, **unreadable_summary(failed, f"fgovd {split.name}")}
     features = torch.stack([region[b] for b in scored])
     max_neg = max(len(split.boxes[b].negatives) for b in scored)
     negatives = torch.zeros(len(scored), max(max_neg, 1), dtype=torch.long)
@@ -137,8 +138,7 @@ def evaluate_fgovd_split(model, processor, split: FGOVDSet, settings: EvalSettin
         "accuracy": pairwise_accuracy(positive.cpu(), negative.cpu(), mask),
         "num_boxes": len(scored),
         "skipped_boxes": len(split.boxes) - len(scored),
-        "unreadable_images": len(failed),
-        "unreadable_examples": [str(split.image_paths[i]) for i in failed[:10]],
+        **unreadable_summary(failed, f"fgovd {split.name}"),
     }
 
 

@@ -7,19 +7,25 @@ See docs/evaluation.md.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
+import os
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
+from ..data.images import BAD_IMAGE_REASONS, BadImageError, load_image
 from ..features import concat_features
 from .metrics import DEFAULT_KS, recall_at_k
 from .readers import RetrievalSet
+
+logger = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -76,8 +82,33 @@ def _progress(iterable, total: int, desc: str, enabled: bool):
 
 
 # ----------------------------------------------------------------------------------------------- images
+#: Unreadable images listed by path in a result (``unreadable_examples``); all are counted.
+MAX_UNREADABLE_EXAMPLES = 10
+
+
+class UnreadableImage(NamedTuple):
+    """An image evaluation skipped: its index (into the paths given), path, and the `BadImageError` ``reason``
+    (``missing``, ``empty``, ``corrupt``, ``too_large``, ``too_small``) and ``detail`` training would give it."""
+
+    index: int
+    path: str
+    reason: str
+    detail: str
+
+    def __str__(self) -> str:
+        # "<path>: <reason>: <detail>"; a detail that starts with the path does not repeat it.
+        detail = self.detail[len(self.path) + 2 :] if self.detail.startswith(self.path + ": ") else self.detail
+        return f"{self.path}: {self.reason}: {detail}"
+
+
 class ImageFiles(torch.utils.data.Dataset):
-    """Decodes images with PIL and runs the image processor; unreadable files yield ``None`` (counted later)."""
+    """Loads images with the training loader (`hf_longclip.data.images.load_image`) in its reference-decoding mode,
+    i.e. pixels exactly as ``Image.open(path).convert("RGB")`` gives them (no EXIF rotation, no alpha compositing,
+    no pixel limit beyond PIL's own bomb check), and runs the image processor.
+
+    Items are ``(index, pixel_values, (width, height))``, or ``(index, None, UnreadableImage)`` for a file that
+    cannot be used (its reason is counted later).
+    """
 
     def __init__(self, paths: Sequence[str | Path], image_processor):
         self.paths = list(paths)
@@ -87,25 +118,30 @@ class ImageFiles(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int):
+        path = os.fspath(self.paths[index])
         try:
-            with Image.open(self.paths[index]) as image:
-                image = image.convert("RGB")
-            size = image.size  # (width, height) before preprocessing: FG-OVD maps boxes with it
+            image = load_image(path, max_image_pixels=None, reference_decode=True)
+        except BadImageError as error:
+            return index, None, UnreadableImage(index, path, error.reason, error.detail)
+        size = image.size  # (width, height) before preprocessing: FG-OVD maps boxes with it
+        try:
             pixels = self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
-            return index, pixels, size
-        except (OSError, ValueError, SyntaxError):  # missing, truncated or not an image
-            return index, None, None
+        except (OSError, ValueError, TypeError) as error:  # a decodable image the processor still cannot take
+            detail = f"{path}: image processor failed: {type(error).__name__}: {error}"
+            return index, None, UnreadableImage(index, path, "corrupt", detail)
+        return index, pixels, size
 
 
 def _collate_images(items):
     good = [item for item in items if item[1] is not None]
-    failed = [item[0] for item in items if item[1] is None]
+    failed = [item[2] for item in items if item[1] is None]
     pixels = torch.stack([item[1] for item in good]) if good else None
     return [item[0] for item in good], pixels, [item[2] for item in good], failed
 
 
 def image_batches(paths: Sequence[str | Path], image_processor, settings: EvalSettings, desc: str = "images"):
-    """Yield `(indices, pixel_values, sizes, failed_indices)` batches in path order."""
+    """Yield `(indices, pixel_values, sizes, failed)` batches in path order; `failed` lists an `UnreadableImage`
+    (index into `paths`, path, reason, detail) per image of the batch that could not be used."""
     loader = torch.utils.data.DataLoader(
         ImageFiles(paths, image_processor),
         batch_size=settings.batch_size,
@@ -113,6 +149,37 @@ def image_batches(paths: Sequence[str | Path], image_processor, settings: EvalSe
         collate_fn=_collate_images,
     )
     yield from _progress(loader, len(loader), desc, settings.progress)
+
+
+def unreadable_summary(failed: Sequence[UnreadableImage], name: str = "evaluation") -> dict:
+    """The result fields describing skipped images, and one WARNING log line summarising them (when any).
+
+    Returns:
+        ``unreadable_images`` (count), ``unreadable_examples`` (up to `MAX_UNREADABLE_EXAMPLES` strings
+        ``"<path>: <reason>: <detail>"``) and ``unreadable_reasons`` (reason -> count).
+    """
+    counts = Counter(item.reason for item in failed)
+    order = [r for r in BAD_IMAGE_REASONS if r in counts] + sorted(set(counts) - set(BAD_IMAGE_REASONS))
+    reasons = {reason: counts[reason] for reason in order}
+    if failed:
+        logger.warning(
+            "%s: skipped %d unreadable image(s) (%s); first: %s",
+            name,
+            len(failed),
+            ", ".join(f"{reason}: {count}" for reason, count in reasons.items()),
+            failed[0],
+        )
+    return {
+        "unreadable_images": len(failed),
+        "unreadable_examples": [str(item) for item in failed[:MAX_UNREADABLE_EXAMPLES]],
+        "unreadable_reasons": reasons,
+    }
+
+
+def _no_readable_images(name: str, total: int, failed: Sequence[UnreadableImage]) -> ValueError:
+    reasons = Counter(item.reason for item in failed)
+    first = f"; first: {failed[0]}" if failed else ""
+    return ValueError(f"{name}: none of the {total} images could be read ({dict(reasons)}){first}")
 
 
 def _merge(chunks: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -169,7 +236,8 @@ def encode_images(
 
     Returns:
         `(features, kept, failed)`: `features` is the model's feature dict with the readable images on dim 0 (in
-        path order), `kept` their indices into `paths`, `failed` the indices of unreadable images.
+        path order), `kept` their indices into `paths`, `failed` an `UnreadableImage` (index into `paths`, path,
+        reason, detail) per image that could not be used.
     """
     settings = settings or EvalSettings()
     device = model_device(model, settings)
@@ -248,11 +316,13 @@ def evaluate_retrieval(
 ) -> dict:
     """R@k both ways on one benchmark.
 
-    Unreadable images are dropped together with their texts; their number (and a few paths) is reported.
+    Unreadable images are dropped together with their texts; they are counted, by reason, and logged (see
+    `unreadable_summary`).
 
     Returns:
         A dict with `t2i_R@k`, `i2t_R@k` (percent), `num_images`, `num_texts`, `unreadable_images`,
-        `unreadable_examples`, `split`, `scoring`, and throughput (`images_per_s`, `texts_per_s`).
+        `unreadable_examples`, `unreadable_reasons`, `split`, `scoring`, and throughput (`images_per_s`,
+        `texts_per_s`).
     """
     settings = settings or EvalSettings()
     check_scoring(model, scoring)
@@ -261,7 +331,7 @@ def evaluate_retrieval(
     image_features, kept, failed = encode_images(model, processor.image_processor, dataset.image_paths, scoring, settings)
     image_seconds = time.perf_counter() - start
     if not kept:
-        raise ValueError(f"{dataset.name}: none of the {len(dataset.image_paths)} images could be read")
+        raise _no_readable_images(dataset.name, len(dataset.image_paths), failed)
     new_index = {old: new for new, old in enumerate(kept)}
     text_ids = [t for t, image in enumerate(dataset.text_to_image) if image in new_index]
     texts = [dataset.texts[t] for t in text_ids]
@@ -274,8 +344,7 @@ def evaluate_retrieval(
     result.update(
         num_images=len(kept),
         num_texts=len(texts),
-        unreadable_images=len(failed),
-        unreadable_examples=[str(dataset.image_paths[i]) for i in failed[:10]],
+        **unreadable_summary(failed, dataset.name),
         split=dataset.split,
         scoring=scoring,
         images_per_s=round(len(kept) / max(image_seconds, 1e-9), 2),
@@ -288,8 +357,10 @@ def evaluate_retrieval(
 
 __all__ = [
     "DTYPES",
+    "MAX_UNREADABLE_EXAMPLES",
     "EvalSettings",
     "ImageFiles",
+    "UnreadableImage",
     "autocast_context",
     "check_scoring",
     "encode_images",
@@ -298,4 +369,5 @@ __all__ = [
     "image_batches",
     "score_matrix",
     "text_length_limit",
+    "unreadable_summary",
 ]

@@ -15,7 +15,13 @@ import torch.nn.functional as F
 
 from .metrics import topk_accuracy
 from .readers import ClassificationSet
-from .retrieval import EvalSettings, encode_images, encode_texts
+from .retrieval import (
+    EvalSettings,
+    _no_readable_images,
+    encode_images,
+    encode_texts,
+    unreadable_summary,
+)
 
 #: A small generic prompt ensemble; pass your own (or a file) for a specific data set.
 DEFAULT_TEMPLATES: tuple[str, ...] = (
@@ -53,22 +59,22 @@ def class_embeddings(model, tokenizer, class_names: Sequence[str], templates: Se
 def evaluate_zeroshot(
     model, processor, dataset: ClassificationSet, templates: Sequence[str] | str | Path | None = None, settings: EvalSettings | None = None
 ) -> dict:
-    """Top-1 / top-5 accuracy (percent; top-5 is 100 with five classes or fewer). Unreadable images are counted."""
+    """Top-1 / top-5 accuracy (percent; top-5 is 100 with five classes or fewer). Unreadable images are skipped and
+    counted by reason (``unreadable_images``, ``unreadable_examples``, ``unreadable_reasons``)."""
     settings = settings or EvalSettings()
     model.eval()
     templates = load_templates(templates)
     weights = class_embeddings(model, processor.tokenizer, dataset.class_names, templates, settings)
     features, kept, failed = encode_images(model, processor.image_processor, dataset.image_paths, "global", settings)
     if not kept:
-        raise ValueError(f"{dataset.name}: none of the {len(dataset.image_paths)} images could be read")
+        raise _no_readable_images(dataset.name, len(dataset.image_paths), failed)
     logits = F.normalize(features["image_embeds"].float(), dim=-1) @ weights.to(features["image_embeds"].device).t()
     result = topk_accuracy(logits, [dataset.labels[i] for i in kept], (1, 5))
     result.update(
         num_images=len(kept),
         num_classes=len(dataset.class_names),
         num_templates=len(templates),
-        unreadable_images=len(failed),
-        unreadable_examples=[str(dataset.image_paths[i]) for i in failed[:10]],
+        **unreadable_summary(failed, dataset.name),
     )
     return result
 
