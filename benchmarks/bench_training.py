@@ -1,8 +1,8 @@
 """Training throughput and peak memory of every variant through the real training script, and the quickstart's
 wall time.
 
-Each variant runs ``training_scripts/train.py`` in its own subprocess (so peak memory is per variant) on the same
-data: a randomly initialised ViT-B/16-shaped CLIP (12 + 12 layers, width 768 / 512, 224 px, 248 text positions
+Each variant runs the trainer (``hf_longclip.training.main``) in its own subprocess (peak memory per variant) on the
+same data: a randomly initialised ViT-B/16-shaped CLIP (12 + 12 layers, width 768 / 512, 224 px, 248 text positions
 after the stretch), saved to a temporary folder as a stock CLIP checkpoint, and JSONL pairs of 224 px scene images
 with ShareGPT4V-like long captions (8 sentences, about 150 tokens). Reported per variant: the median step time after
 the first step (data loading + forward + backward + AdamW), samples/s, and the process's peak RSS.
@@ -37,12 +37,11 @@ from hf_longclip.variants import VARIANTS  # noqa: E402
 
 #: Runs in the child: train, then report the summary and the peak RSS as one JSON line.
 CHILD = """
-import json, resource, runpy, sys
-sys.argv = ["train.py"] + sys.argv[1:]
-module = runpy.run_path({script!r}, run_name="bench")
-summary = module["main"](sys.argv[1:])
+import json, resource, sys
+from hf_longclip.training import main
+summary = main(sys.argv[1:])
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print("BENCH " + json.dumps({{"summary": summary, "peak_rss_mib": peak}}))
+print("BENCH " + json.dumps({"summary": summary, "peak_rss_mib": peak}))
 """
 
 
@@ -93,7 +92,7 @@ def make_pairs(folder: Path, count: int, size: int) -> Path:
 
 def run_child(flags: list[str]) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    code = CHILD.format(script=str(ROOT / "training_scripts" / "train.py"))
+    code = CHILD
     done = subprocess.run([sys.executable, "-c", code, *flags], capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise RuntimeError(done.stderr[-4000:])

@@ -337,6 +337,7 @@ def convert_original_checkpoint(
     position_keep: int = 20,
     text_num_heads: int | None = None,
     vision_num_heads: int | None = None,
+    progress: bool = True,
     **config_overrides,
 ) -> LongCLIPModel:
     """Load one of the authors' ``.pt`` files as the matching model (fp32), ready for `save_pretrained`.
@@ -347,6 +348,8 @@ def convert_original_checkpoint(
             keys when None. A checkpoint of another layout raises `ValueError`.
         position_keep: leading position rows the authors kept frozen (20).
         text_num_heads, vision_num_heads: head counts, when ``width // 64`` (OpenAI's rule) does not give them.
+        progress: show a tqdm bar (``converting``, one step per tensor) over the per-tensor work: each renamed
+            tensor is cast to fp32 and made contiguous once (a large checkpoint takes a while).
         config_overrides: config fields of the variant (e.g. ``beta_cal_mode="bce"`` for beta-CLIP's BCE model).
 
     Every tensor of the file is used, except the position-table halves the authors never read and, for beta-CLIP,
@@ -366,7 +369,8 @@ def convert_original_checkpoint(
         if variant not in ORIGINAL_LAYOUTS:
             raise ValueError(f"no converter for {variant!r}; known layouts: {', '.join(ORIGINAL_LAYOUTS)}")
         raise ValueError(f"{path} holds a {found} checkpoint ({ORIGINAL_LAYOUTS[found]}), not a {variant} one")
-    state = {k: v.float() for k, v in state.items() if k.split(".")[0] not in _IGNORED and k not in _IGNORED}
+    # Only shapes are read until the renamed tensors are cast (below), so the file's dtype is kept until then.
+    state = {k: v for k, v in state.items() if k.split(".")[0] not in _IGNORED and k not in _IGNORED}
     model_class = get_variant(found).model_class
     unknown = set(config_overrides) - model_class.variant_config_fields() - {"source_max_position_embeddings", "position_ratio"}
     if unknown:
@@ -396,11 +400,27 @@ def convert_original_checkpoint(
     )
     if leftovers:
         raise ValueError(f"{path} holds tensors the {found} converter does not know: {', '.join(leftovers[:8])}")
+    state.clear()  # `converted` now holds the only references to the file's tensors
+    weights = _cast_tensors(converted, progress)
     model = model_class(config)
-    missing, unexpected = model.load_state_dict({k: v.contiguous() for k, v in converted.items()}, strict=False)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise ValueError(f"conversion to {model_class.__name__} left missing {missing[:8]} / unexpected {unexpected[:8]}")
     return model.eval()
+
+
+def _cast_tensors(tensors: dict[str, torch.Tensor], progress: bool) -> dict[str, torch.Tensor]:
+    """Every tensor as contiguous fp32, one at a time through a tqdm bar (when `progress`). The input dict is emptied
+    as it goes, so each source tensor can be freed once cast (a half-precision file and its fp32 copy are not both
+    held in full)."""
+    from tqdm.auto import tqdm
+
+    out = {}
+    with tqdm(total=len(tensors), desc="converting", unit="tensor", disable=not progress) as bar:
+        for key in list(tensors):
+            out[key] = tensors.pop(key).float().contiguous()
+            bar.update(1)
+    return out
 
 
 __all__ = [

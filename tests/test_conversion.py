@@ -386,3 +386,24 @@ def test_cli_converts_a_betaclip_checkpoint_with_config_fields(tmp_path):
 
     model = AutoModel.from_pretrained(tmp_path / "out")
     assert type(model) is BetaCLIPModel and model.config.beta_cal_mode == "bce"
+
+
+def test_conversion_progress_bar_and_half_precision_files(tmp_path, capsys):
+    """progress=True shows a "converting" bar over the tensors on stderr, progress=False shows nothing; an fp16 file
+    (cast only after renaming) converts to the same fp32 weights as the fp32 file."""
+    source = LongCLIPModel.from_clip(tiny_clip(seed=7))
+    state = _to_openai_layout(source, keep=20)
+    torch.save({k: v.half() for k, v in state.items()}, tmp_path / "half.pt")
+    torch.save({k: v.half().float() for k, v in state.items()}, tmp_path / "full.pt")
+    capsys.readouterr()
+    half = convert_original_checkpoint(tmp_path / "half.pt", text_num_heads=4, vision_num_heads=4, progress=True)
+    err = capsys.readouterr().err
+    assert "converting" in err and "tensor" in err
+    num_weights = len(half.state_dict())
+    assert f"{num_weights}/{num_weights}" in err  # one step per converted tensor, all done
+    full = convert_original_checkpoint(tmp_path / "full.pt", text_num_heads=4, vision_num_heads=4, progress=False)
+    assert "converting" not in capsys.readouterr().err
+    for key, value in full.state_dict().items():
+        assert half.state_dict()[key].dtype == torch.float32, key
+        assert half.state_dict()[key].is_contiguous(), key
+        assert torch.equal(half.state_dict()[key], value), key
