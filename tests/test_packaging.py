@@ -125,6 +125,29 @@ def test_wheel_ships_recipes_cards_license_and_types(wheel):
     assert not any(r.startswith(("accelerate", "datasets", "spacy", "diffusers", "tensorboard")) for r in base)
 
 
+def test_sdist_builds_the_same_complete_wheel(tmp_path):
+    """pip installs from the sdist where no wheel fits: it must carry the recipes and card templates too."""
+    import tarfile
+
+    source = tmp_path / "src"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(*NOT_SOURCES))
+    build = "import sys; from setuptools import build_meta; print(build_meta.build_sdist(sys.argv[1]))"
+    done = subprocess.run([sys.executable, "-c", build, str(tmp_path / "sdist")], cwd=source, check=True,
+                          capture_output=True, text=True)
+    with tarfile.open(tmp_path / "sdist" / done.stdout.strip().splitlines()[-1]) as archive:
+        archive.extractall(tmp_path / "unpacked", filter="data")
+    (unpacked,) = (tmp_path / "unpacked").iterdir()
+    assert (unpacked / "LICENSE").is_file() and (unpacked / "training_scripts" / "configs" / "quickstart.yaml").is_file()
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q", "-w",
+                    str(tmp_path / "dist"), str(unpacked)], check=True, capture_output=True, text=True)
+    (built,) = (tmp_path / "dist").glob("*.whl")
+    with zipfile.ZipFile(built) as archive:
+        names = set(archive.namelist())
+    recipes = {Path(p).stem for p in (ROOT / "training_scripts" / "configs").glob("*.yaml")}
+    assert {f"hf_longclip/recipes/{r}.yaml" for r in recipes} <= names
+    assert "hf_longclip/model_cards/base.md" in names and "hf_longclip/py.typed" in names
+
+
 # ----------------------------------------------------------------------------------------------- base install
 BASE_SCRIPT = r"""
 import importlib.util, json, sys
