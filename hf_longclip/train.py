@@ -1,8 +1,8 @@
 """Command-line training: ``accelerate launch -m hf_longclip.train --config RECIPE [--setting value ...]``.
 
 The same entry point as ``hf-longclip train`` and ``training_scripts/train.py``. Recipes are addressed by name
-(``--config longclip-vit-b16``; ``hf-longclip train --list-configs`` lists them) or by path; ``--help`` lists every
-setting, grouped, with its default. See docs/training.md.
+(``--config longclip-vit-b16``) or by path; ``--help`` lists every setting, grouped, with its default and aliases,
+and the shipped recipes. See docs/training.md.
 """
 
 from __future__ import annotations
