@@ -219,6 +219,11 @@ class TrainingArguments:
     resume_from_checkpoint: str | None = field(
         default=None, metadata={"help": "'latest' (in output_dir/checkpoints) or a checkpoint folder"}
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "start a new run in an output_dir that holds another run's checkpoints, deleting them "
+                          "(otherwise refused: resume it or choose another output_dir)"},
+    )
     save_final_model: bool = field(default=True, metadata={"help": "save_pretrained model + processor + card at the end"})
     push_to_hub: bool = field(default=False, metadata={"help": "push the final model, processor and card to the Hub"})
     hub_model_id: str | None = field(default=None, metadata={"help": "Hub repository of --push_to_hub (user/name)"})

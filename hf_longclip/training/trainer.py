@@ -12,7 +12,10 @@ import json
 import logging
 import math
 import os
+import pickle
+import shutil
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -30,7 +33,17 @@ from ..extras import require
 from ..variants import get_variant
 from .accumulation import average_gradients, cached_accumulation_step
 from .arguments import DataArguments, ModelArguments, TrainingArguments, arguments_to_dict, parse_training_arguments
-from .checkpoints import read_trainer_state, resolve_checkpoint, save_checkpoint
+from .checkpoints import (
+    RESUMABLE_CHANGES,
+    check_output_dir,
+    check_resume,
+    checkpoint_bytes,
+    read_trainer_state,
+    resolve_checkpoint,
+    run_fingerprint,
+    save_checkpoint,
+    unsafe_files,
+)
 from .data import (
     GlobalBatchSampler,
     SeededCollator,
@@ -126,6 +139,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, train_args: Traini
 
     check_mixed_precision(train_args.mixed_precision)
     output_dir = Path(train_args.output_dir)
+    check_output_dir(output_dir, resuming=train_args.resume_from_checkpoint is not None,
+                     overwrite=train_args.overwrite_output_dir)
     cached = train_args.accumulation_mode == "cached" and train_args.gradient_accumulation_steps > 1
     variant = get_variant(model_args.variant)
     seed_step(train_args.seed, 0, 0)  # identical initialisation of the heads on every process
@@ -213,26 +228,58 @@ def run(model_args: ModelArguments, data_args: DataArguments, train_args: Traini
     )
     scheduler = build_scheduler(optimizer, total_steps, schedules, train_args.lr_scheduler_type)
     model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)  # stepped once per optimiser step, by this loop
+    # The scheduler is not registered with accelerate (which pickles it and unpickles it with weights_only=False):
+    # the schedule is a function of the step, so a resumed run rebuilds it from the step in the trainer state.
     unwrapped = accelerator.unwrap_model(model)
+    settings = arguments_to_dict(model_args, data_args, train_args)
+    fingerprint = run_fingerprint(settings, unwrapped, world)
+    free = shutil.disk_usage(output_dir).free
+    if free < checkpoint_bytes(output_dir, unwrapped):
+        logger.warning("only %.0f MiB free in %s, less than one checkpoint (about %.0f MiB)", free / 2**20,
+                       output_dir, checkpoint_bytes(output_dir, unwrapped) / 2**20)
 
     state = {"global_step": 0, "epoch": 0, "batch_in_epoch": 0, "samples_seen": 0, "skipped": {},
-             "skipped_steps": 0, "total_steps": total_steps}
+             "skipped_steps": 0, "total_steps": total_steps, "fingerprint": fingerprint, "settings": settings}
     if train_args.resume_from_checkpoint:
         checkpoint = resolve_checkpoint(output_dir, train_args.resume_from_checkpoint)
         if checkpoint is None:
             logger.info("no checkpoint in %s: starting from scratch", output_dir / "checkpoints")
         else:
-            accelerator.load_state(str(checkpoint))
-            state.update(read_trainer_state(checkpoint))
-            if state["total_steps"] != total_steps:
+            saved = read_trainer_state(checkpoint)
+            check_resume(saved.get("fingerprint", {}), fingerprint, checkpoint)
+            if saved.get("total_steps") != total_steps:
                 raise ValueError(
-                    f"{checkpoint} belongs to a run of {state['total_steps']} steps; these settings give {total_steps}"
+                    f"{checkpoint} belongs to a run of {saved.get('total_steps')} steps; these settings give "
+                    f"{total_steps}"
                 )
+            if "fingerprint" not in saved:
+                logger.warning("%s records no run fingerprint (an earlier version wrote it): settings not compared",
+                               checkpoint)
+            pickled = unsafe_files(checkpoint)
+            if pickled:
+                raise ValueError(
+                    f"{checkpoint} holds {', '.join(pickled)}: pickled objects (an earlier version's scheduler), which "
+                    "are not loaded because unpickling can run code. The schedule is rebuilt from the step: delete "
+                    "these files to resume from this checkpoint"
+                )
+            try:
+                accelerator.load_state(str(checkpoint))
+            except pickle.UnpicklingError as error:  # weights_only refused an object: never load it
+                first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                raise ValueError(f"{checkpoint} cannot be loaded safely (only tensors and plain data are): {first}") \
+                    from None
+            changed = {k: (saved.get("settings", {}).get(k), v) for k, v in settings.items()
+                       if k in RESUMABLE_CHANGES and "settings" in saved and saved["settings"].get(k) != v}
+            for key, (before, after) in sorted(changed.items()):
+                logger.info("changed on resume (allowed): %s %r -> %r", key, before, after)
+            state.update({k: v for k, v in saved.items() if k not in ("fingerprint", "settings")})
+            with warnings.catch_warnings():  # "scheduler stepped before the optimizer": intended here
+                warnings.simplefilter("ignore")
+                for _ in range(state["global_step"]):
+                    scheduler.step()
             logger.info("resumed from %s at step %d", checkpoint, state["global_step"])
     skipped = SkipCounter(state["skipped"] if accelerator.is_main_process else None)
 
-    settings = arguments_to_dict(model_args, data_args, train_args)
     if train_args.trackers:
         accelerator.init_trackers(train_args.tracker_project, config={k: v for k, v in settings.items()
                                                                       if isinstance(v, (int, float, str, bool))})
@@ -264,7 +311,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, train_args: Traini
     def checkpoint() -> None:
         merge_skip_counts()
         state["skipped"] = skipped.as_dict()
-        path = save_checkpoint(accelerator, output_dir, state["global_step"], dict(state), train_args.save_total_limit)
+        path = save_checkpoint(accelerator, output_dir, state["global_step"], dict(state), train_args.save_total_limit,
+                               needed_bytes=checkpoint_bytes(output_dir, unwrapped))
         logger.info("checkpoint %s", path)
 
     if train_args.eval_before_training and state["global_step"] == 0:
@@ -310,6 +358,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, train_args: Traini
                     if batch is None:
                         exhausted = True
                         break
+                    if batch.get("strict_error"):  # --strict: a bad sample (read in a data worker or not)
+                        raise ValueError(batch["strict_error"])
                     micro.append(batch)
                 if exhausted:
                     break
