@@ -96,7 +96,7 @@ def test_load_image_bad_files_fail_with_their_reason(tmp_path):
     assert _reason(b"") == "empty"
     assert _reason(str(tmp_path / "nope.jpg")) == "missing"
     assert _reason(tmp_path / "nope.jpg") == "missing"  # PathLike
-    assert _reason(str(tmp_path)) == "missing"  # a directory
+    assert _reason(str(tmp_path)) == "not_a_file"  # a directory
     assert _reason(None) == "missing"
     assert _reason({"bytes": None, "path": None}) == "missing"
 
@@ -233,7 +233,7 @@ def test_read_sharegpt4v_splits_and_captions(tmp_path):
     assert auto == train
 
 
-def test_read_caption_tables(tmp_path):
+def test_read_caption_tables(tmp_path, caplog):
     (tmp_path / "imgs").mkdir()
     for name in ("a.jpg", "b.jpg"):
         _rgb().save(tmp_path / "imgs" / name)
@@ -271,10 +271,14 @@ def test_read_caption_tables(tmp_path):
     tsv = tmp_path / "pairs.tsv"
     tsv.write_text("image\tcaption\nimgs/a.jpg\tTab separated.\n")
     assert open_training_source(tsv)[0]["caption"] == "Tab separated."
+    # one malformed line does not fail the read: it becomes a bad record naming the file and the line, logged
     bad_jsonl = tmp_path / "bad.jsonl"
     bad_jsonl.write_text('{"image": "a.jpg", "caption": "ok"}\n{broken\n')
-    with pytest.raises(ValueError, match="line 2"):
-        read_caption_table(bad_jsonl)
+    with caplog.at_level("WARNING", logger="hf_longclip.data.sources"):
+        records = read_caption_table(bad_jsonl)
+    assert len(records) == 2 and records[0]["caption"] == "ok" and "read_error" not in records[0]
+    assert records[1]["read_error"].startswith(f"{bad_jsonl}, line 2: invalid JSON")
+    assert any("bad.jsonl" in r.getMessage() and "line 2" in r.getMessage() for r in caplog.records)
 
 
 def test_load_hf_dataset_disk_and_streamed_parquet(tmp_path):
@@ -348,6 +352,9 @@ def mixed_records(tmp_path):
 
 
 EXPECTED_SKIPS = {"corrupt": 2, "empty": 1, "empty_caption": 1, "missing": 1, "non_string_caption": 1, "too_small": 1}
+#: the dataset indices of the bad records of `mixed_records`, per reason
+EXPECTED_SKIPPED_KEYS = {"corrupt": [1, 8], "empty": [5], "empty_caption": [2], "missing": [4],
+                         "non_string_caption": [6], "too_small": [7]}
 
 
 def test_dataset_collator_counts_each_reason_and_keeps_the_good(mixed_records):
@@ -356,7 +363,7 @@ def test_dataset_collator_counts_each_reason_and_keeps_the_good(mixed_records):
     collator = SkipCountingCollator(LongCLIPCollator(processor))
     loader = make_dataloader(dataset, collator, batch_size=len(dataset), shuffle=False, drop_last=False)
     (batch,) = list(loader)
-    assert batch.pop("skipped") == EXPECTED_SKIPS
+    assert batch.pop("skipped") == EXPECTED_SKIPPED_KEYS
     assert batch["pixel_values"].shape == (3, 3, 32, 32)
     assert batch["input_ids"].shape[0] == 3 and batch["short_input_ids"].shape[0] == 3
 
@@ -370,12 +377,14 @@ def test_dataset_collator_counts_each_reason_and_keeps_the_good(mixed_records):
     assert torch.equal(batch["input_ids"], tokens["input_ids"])
 
     counter = SkipCounter()
-    counter.update(EXPECTED_SKIPS)
-    counter.update({"corrupt": 1})
+    counter.update(EXPECTED_SKIPPED_KEYS)
+    counter.update({"corrupt": [8]})  # a second visit of a sample already counted
     counter.update(None)
-    assert counter.total == 8 and counter.as_dict()["corrupt"] == 3
+    assert counter.total == 7 and counter.visits == 8
+    assert counter.as_dict()["corrupt"] == {"samples": [1, 8], "visits": 3}
     assert counter.summary() == (
-        "skipped 8 samples: corrupt=3, empty=1, empty_caption=1, missing=1, non_string_caption=1, too_small=1"
+        "skipped 7 distinct samples (8 visits): corrupt 2 (3 visits), empty 1 (1 visit), empty_caption 1 (1 visit), "
+        "missing 1 (1 visit), non_string_caption 1 (1 visit), too_small 1 (1 visit)"
     )
     assert SkipCounter().summary() == "skipped 0 samples"
 
@@ -384,21 +393,22 @@ def test_all_bad_batch_and_strict_mode(mixed_records):
     processor = tiny_processor()
     dataset = LongCaptionDataset(mixed_records, EvalTransform(32))
     collator = SkipCountingCollator(LongCLIPCollator(processor))
-    assert collator([dataset[1], dataset[4]]) == {"skipped": {"corrupt": 1, "missing": 1}}
+    assert collator([dataset[1], dataset[4]]) == {"skipped": {"corrupt": [1], "missing": [4]}}
     assert collator([dataset[0]])["skipped"] == {}
     assert collator.processor is processor  # the wrapped collator's attributes stay reachable
 
+    # strict: bad samples come back marked (nothing raised inside __getitem__, so workers cannot wrap it), and the
+    # collator turns the first one of a batch into a one-line strict_error instead of collating
     strict = LongCaptionDataset(mixed_records, EvalTransform(32), strict=True)
     assert strict[0]["id"] == "g0"
-    with pytest.raises(BadSampleError) as info:
-        strict[1]
-    assert info.value.index == 1 and info.value.reason == "corrupt"
-    assert "index 1" in str(info.value) and "corrupt.jpg" in str(info.value)
-    with pytest.raises(BadSampleError, match="index 2 .*empty_caption"):
-        strict[2]
+    marker = strict[1]
+    assert isinstance(marker, SkippedSample) and marker.strict and marker.index == 1 and marker.reason == "corrupt"
+    assert marker.message().startswith("bad sample at index 1 (image ") and "corrupt.jpg" in marker.message()
+    assert marker.message() == str(BadSampleError.from_skipped(marker))
+    assert "index 2" in strict[2].message() and "empty_caption" in strict[2].message()
     loader = make_dataloader(strict, collator, batch_size=4, shuffle=False)
-    with pytest.raises(BadSampleError, match="index 1"):
-        list(loader)
+    first = next(iter(loader))
+    assert set(first) == {"skipped", "strict_error"} and first["strict_error"] == marker.message()
 
 
 def test_validate_records_counts_or_fails_up_front(mixed_records):
@@ -406,11 +416,19 @@ def test_validate_records_counts_or_fails_up_front(mixed_records):
     # cheap checks see missing / empty files and bad captions; corrupt / too_small need decoding
     assert report.total == 10
     assert report.bad == {"empty": 1, "empty_caption": 1, "missing": 1, "non_string_caption": 1}
-    assert report.summary() == "10 records, 4 bad: empty=1, empty_caption=1, missing=1, non_string_caption=1"
+    assert report.summary() == (
+        "checked 10 records (captions; image files exist, are regular files and are not empty; image contents are "
+        "checked as they are read): 4 bad: empty=1, empty_caption=1, missing=1, non_string_caption=1"
+    )
     assert [e.index for e in report.examples] == [2, 4, 5, 6]
     with pytest.raises(BadSampleError, match="index 2"):
         validate_records(mixed_records, strict=True)
-    assert validate_records(mixed_records, check_files=False).bad == {"empty_caption": 1, "non_string_caption": 1}
+    captions_only = validate_records(mixed_records, check_files=False)
+    assert captions_only.bad == {"empty_caption": 1, "non_string_caption": 1}
+    assert captions_only.summary() == (
+        "checked 10 records (captions only; image files and contents are checked as they are read): 2 bad: "
+        "empty_caption=1, non_string_caption=1"
+    )
 
 
 def _covered(dataset_factory, world_size=2, num_workers=2):
@@ -449,11 +467,12 @@ def test_iterable_dataset_covers_every_record_once_across_ranks_and_workers(tmp_
     samples = list(IterableLongCaptionDataset(stream, transform=EvalTransform(8)))
     assert [s["id"] for s in samples] == list(range(11)) and samples[0]["pixel_values"].shape == (3, 8, 8)
 
-    # bad records stream through as SkippedSample (and strict raises)
+    # bad records stream through as SkippedSample (marked as strict failures in strict mode)
     bad = [{"image": b"", "caption": "x"}, {"image": png.getvalue(), "caption": 3}]
     assert [s.reason for s in IterableLongCaptionDataset(bad)] == ["empty", "non_string_caption"]
-    with pytest.raises(BadSampleError, match="index 0"):
-        list(IterableLongCaptionDataset(bad, strict=True))
+    assert not any(s.strict for s in IterableLongCaptionDataset(bad))
+    strict = list(IterableLongCaptionDataset(bad, strict=True))
+    assert all(s.strict for s in strict) and strict[0].message().startswith("bad sample at index 0 ")
     with pytest.raises(ValueError):
         IterableLongCaptionDataset(records, rank=2, world_size=2)
 

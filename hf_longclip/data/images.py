@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import stat
 from collections.abc import Mapping
 from typing import Any, Union
 
@@ -20,11 +21,15 @@ from PIL import Image, ImageOps
 #: for an image we accept; a 67M-pixel RGB image already decodes to ~200 MB.
 DEFAULT_MAX_IMAGE_PIXELS = 8192 * 8192
 
+#: Default byte limit of an encoded image (256 MiB), checked before anything is decoded. Far above any real photo
+#: (a 100-megapixel JPEG is ~30 MB); it bounds what one bad path (a huge file, a device) can make a worker read.
+DEFAULT_MAX_IMAGE_BYTES = 256 * 1024 * 1024
+
 #: Images with a side shorter than this are rejected: a 1-pixel side cannot be resized meaningfully.
 MIN_IMAGE_SIDE = 2
 
 #: Every ``reason`` a `BadImageError` can carry.
-BAD_IMAGE_REASONS = ("missing", "empty", "corrupt", "too_large", "too_small")
+BAD_IMAGE_REASONS = ("missing", "not_a_file", "empty", "corrupt", "too_large", "too_small")
 
 ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, Mapping[str, Any], Image.Image]
 
@@ -36,8 +41,8 @@ class BadImageError(ValueError):
     """An image that cannot be used for training.
 
     Args:
-        reason (`str`): one of `BAD_IMAGE_REASONS` (``missing``, ``empty``, ``corrupt``, ``too_large``,
-            ``too_small``); stable, for counting skipped samples per reason.
+        reason (`str`): one of `BAD_IMAGE_REASONS` (``missing``, ``not_a_file``, ``empty``, ``corrupt``,
+            ``too_large``, ``too_small``); stable, for counting skipped samples per reason.
         detail (`str`, *optional*): a human-readable explanation (the file, the decoder's message).
     """
 
@@ -72,34 +77,100 @@ def describe_image_source(source: Any) -> str:
     return f"<{type(source).__name__}>"
 
 
-def _read_source(source: ImageSource) -> tuple[bytes | None, str | None, Image.Image | None]:
+def _byte_length(data: bytes | bytearray | memoryview) -> int:
+    return data.nbytes if isinstance(data, memoryview) else len(data)
+
+
+def _check_byte_count(count: int, max_image_bytes: int | None, where: str) -> None:
+    if max_image_bytes is not None and count > max_image_bytes:
+        raise BadImageError("too_large", f"{where} has more than max_image_bytes={max_image_bytes} bytes ({count})")
+
+
+def _file_kind(mode: int) -> str:
+    """What a non-regular file is, in words, for error messages."""
+    for test, name in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _stat_regular_file(path: str) -> os.stat_result:
+    """``os.stat`` of `path` (following links), raising `BadImageError` unless it is a regular file.
+
+    Nothing is opened: opening a FIFO blocks until a writer appears, and a device such as ``/dev/zero`` never ends.
+    """
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise BadImageError("missing", f"no such file: {path}") from None
+    except (OSError, ValueError) as error:  # ENOTDIR, ENAMETOOLONG, EACCES on a parent, a NUL in the path
+        raise BadImageError("missing", f"cannot read {path}: {error}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise BadImageError("not_a_file", f"{path} is {_file_kind(info.st_mode)}, not a regular file")
+    return info
+
+
+def _read_file(path: str, max_image_bytes: int | None) -> bytes:
+    """The bytes of a regular file, at most ``max_image_bytes + 1`` of them ever read."""
+    info = _stat_regular_file(path)
+    _check_byte_count(info.st_size, max_image_bytes, path)
+    # O_NONBLOCK: should the path have become a FIFO since the stat, opening it still returns at once (the fstat
+    # below then rejects it). It has no effect on regular files.
+    flags = os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        descriptor = os.open(path, flags)
+    except FileNotFoundError:
+        raise BadImageError("missing", f"no such file: {path}") from None
+    except OSError as error:
+        raise BadImageError("missing", f"cannot read {path}: {error}") from None
+    try:
+        with open(descriptor, "rb", closefd=True) as handle:
+            mode = os.fstat(handle.fileno()).st_mode
+            if not stat.S_ISREG(mode):
+                raise BadImageError("not_a_file", f"{path} is {_file_kind(mode)}, not a regular file")
+            # Reading the bytes ourselves means no file handle stays open inside PIL (multi-frame formats keep
+            # theirs open until the image is closed) and a 0-byte file is recognised without a decoder. The read is
+            # bounded: a file that grew after the stat cannot make us hold more than the limit (plus one byte).
+            data = handle.read() if max_image_bytes is None else handle.read(max_image_bytes + 1)
+    except OSError as error:
+        raise BadImageError("missing", f"cannot read {path}: {error}") from None
+    _check_byte_count(len(data), max_image_bytes, path)
+    return data
+
+
+def _read_source(
+    source: ImageSource, max_image_bytes: int | None = DEFAULT_MAX_IMAGE_BYTES
+) -> tuple[bytes | None, str | None, Image.Image | None]:
     """Resolve `source` into (encoded bytes, path they came from, or an in-memory PIL image)."""
     if isinstance(source, Image.Image):
         return None, None, source
     if isinstance(source, (bytes, bytearray, memoryview)):
+        _check_byte_count(_byte_length(source), max_image_bytes, describe_image_source(source))
         return bytes(source), None, None
     if isinstance(source, Mapping):
         # `datasets.Image(decode=False)` gives {"bytes": ..., "path": ...}; bytes win when both are set (the path
         # is then often just a file name inside an archive).
         data, path = source.get("bytes"), source.get("path")
         if data is not None:
+            if not isinstance(data, (bytes, bytearray, memoryview)):
+                raise BadImageError("missing", f"image dict holds {type(data).__name__} under 'bytes', not bytes")
+            where = str(path) if path else f"<{_byte_length(data)} bytes>"
+            _check_byte_count(_byte_length(data), max_image_bytes, where)
             return bytes(data), path, None
         if path:
-            return _read_source(path)
+            return _read_source(path, max_image_bytes)
         raise BadImageError("missing", "image dict has neither bytes nor path")
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
-        try:
-            with open(path, "rb") as handle:
-                # Reading the bytes ourselves means no file handle stays open inside PIL (multi-frame formats keep
-                # theirs open until the image is closed) and a 0-byte file is recognised without a decoder.
-                return handle.read(), path, None
-        except FileNotFoundError:
-            raise BadImageError("missing", f"no such file: {path}") from None
-        except IsADirectoryError:
-            raise BadImageError("missing", f"is a directory: {path}") from None
-        except OSError as error:
-            raise BadImageError("missing", f"cannot read {path}: {error}") from None
+        if isinstance(path, bytes):
+            path = os.fsdecode(path)
+        return _read_file(path, max_image_bytes), path, None
     if source is None:
         raise BadImageError("missing", "no image given (None)")
     # A number or list in the image column is bad data like any other, not a programming error: skip it.
@@ -178,6 +249,7 @@ def load_image(
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     *,
     reference_decode: bool = False,
+    max_image_bytes: int | None = DEFAULT_MAX_IMAGE_BYTES,
 ) -> Image.Image:
     """Load an image as an RGB PIL image, raising `BadImageError` for anything unusable.
 
@@ -189,19 +261,23 @@ def load_image(
             `None` disables the check (PIL's own decompression-bomb limit, twice `PIL.Image.MAX_IMAGE_PIXELS`,
             still applies and is reported as ``too_large``).
         reference_decode (`bool`, *optional*, defaults to `False`, keyword-only):
-            decode exactly as the authors' evaluation code does, ``Image.open(path).convert("RGB")``: no EXIF
-            orientation correction, and every mode goes through PIL's plain ``convert("RGB")`` (transparent pixels
-            keep their stored colour instead of becoming white; 16-bit grayscale is clipped by PIL, not scaled).
-            Every check and `BadImageError` reason stays the same. Evaluation uses it so that its numbers match the
-            reference preprocessing pixel for pixel; training keeps the default.
+            read the stored frame as the authors' evaluation code does: no EXIF orientation correction. Modes are
+            converted as in training (`to_rgb`), so an 8-bit RGB or grayscale JPEG, what the benchmarks hold, gives
+            exactly the authors' ``Image.open(path).convert("RGB")``. Every check and `BadImageError` reason stays
+            the same. Evaluation uses it; training keeps the default.
+        max_image_bytes (`int`, *optional*, defaults to 256 MiB, keyword-only):
+            reject encoded images larger than this (``too_large``) before decoding. A file's size is checked with
+            ``os.stat`` first and at most ``max_image_bytes + 1`` bytes are ever read; bytes already in memory are
+            checked by length. `None` disables the check (non-regular files are still refused).
 
     Returns:
         `PIL.Image.Image`: a fully decoded RGB image that holds no open file; EXIF-orientation-corrected unless
         `reference_decode` is set.
 
     Raises:
-        `BadImageError` with ``reason`` ``missing`` (no such file / no data), ``empty`` (0 bytes), ``corrupt``
-        (unidentifiable, undecodable or truncated), ``too_large`` or ``too_small`` (a side under 2 px).
+        `BadImageError` with ``reason`` ``missing`` (no such file / no data), ``not_a_file`` (a directory, FIFO,
+        device or socket: never opened), ``empty`` (0 bytes), ``corrupt`` (unidentifiable, undecodable or
+        truncated), ``too_large`` (too many bytes or pixels) or ``too_small`` (a side under 2 px).
 
     Example:
 
@@ -214,7 +290,7 @@ def load_image(
     'corrupt'
     ```
     """
-    data, path, image = _read_source(source)
+    data, path, image = _read_source(source, max_image_bytes)
     where = path or describe_image_source(source)
     if image is not None:
         _check_size(image.width, image.height, max_image_pixels, where)
@@ -255,7 +331,7 @@ def _decode(image: Image.Image, reference_decode: bool) -> Image.Image:
     """A new RGB image from a loaded one: the training conversion (EXIF orientation, `to_rgb`) or, with
     `reference_decode`, PIL's plain ``convert("RGB")`` (a copy for RGB images)."""
     if reference_decode:
-        return image.convert("RGB")
+        return to_rgb(image if image.mode != "RGB" else image.copy())
     return to_rgb(_exif_transpose(image))
 
 
@@ -268,34 +344,48 @@ def _exif_transpose(image: Image.Image) -> Image.Image:
         return image.copy()
 
 
-def image_source_exists(source: Any) -> str | None:
-    """Cheap pre-flight check of an image source without decoding: the `BadImageError` reason it will certainly
-    fail with (``missing`` or ``empty``), or `None` if it may be fine."""
+def image_source_exists(source: Any, max_image_bytes: int | None = None) -> str | None:
+    """Cheap pre-flight check of an image source without decoding or opening anything: the `BadImageError` reason
+    it will certainly fail with (``missing``, ``not_a_file``, ``empty``, or ``too_large`` when `max_image_bytes` is
+    given and the size exceeds it), or `None` if it may be fine. A path costs one ``os.stat``; a FIFO or device is
+    recognised from it and never opened, so this cannot block."""
     if source is None:
         return "missing"
     if isinstance(source, Image.Image):
         return None
     if isinstance(source, (bytes, bytearray, memoryview)):
-        return "empty" if len(source) == 0 else None
+        return _bytes_reason(_byte_length(source), max_image_bytes)
     if isinstance(source, Mapping):
-        if source.get("bytes") is not None:
-            return "empty" if len(source["bytes"]) == 0 else None
+        data = source.get("bytes")
+        if data is not None:
+            if not isinstance(data, (bytes, bytearray, memoryview)):
+                return "missing"
+            return _bytes_reason(_byte_length(data), max_image_bytes)
         if source.get("path"):
-            return image_source_exists(source["path"])
+            return image_source_exists(source["path"], max_image_bytes)
         return "missing"
     if isinstance(source, (str, os.PathLike)):
         try:
-            size = os.stat(source).st_size
-        except OSError:
+            info = os.stat(source)
+        except (OSError, ValueError):
             return "missing"
-        if os.path.isdir(source):
-            return "missing"
-        return "empty" if size == 0 else None
+        if not stat.S_ISREG(info.st_mode):
+            return "not_a_file"
+        return _bytes_reason(info.st_size, max_image_bytes)
     return "missing"
+
+
+def _bytes_reason(count: int, max_image_bytes: int | None) -> str | None:
+    if count == 0:
+        return "empty"
+    if max_image_bytes is not None and count > max_image_bytes:
+        return "too_large"
+    return None
 
 
 __all__ = [
     "BAD_IMAGE_REASONS",
+    "DEFAULT_MAX_IMAGE_BYTES",
     "DEFAULT_MAX_IMAGE_PIXELS",
     "BadImageError",
     "describe_image_source",

@@ -3,19 +3,26 @@ Hugging Face datasets.
 
 Every reader yields plain records ``{"image", "caption", "short_caption", "id"}`` (the Hugging Face reader, a
 `datasets.Dataset` with those columns). Readers do not decode images or judge captions: a broken record is passed on
-as it is and `LongCaptionDataset` skips and counts it, so reading a 1.2M-entry file never fails on one bad line.
+as it is and `LongCaptionDataset` skips and counts it, so reading a 1.2M-entry file never fails on one bad line. A
+line that cannot be parsed at all (invalid JSON, not UTF-8, a CSV row with the wrong number of fields) becomes a
+record carrying `READ_ERROR_KEY` (file and line), logged once per file, and skipped and counted as ``bad_record``.
+Files are read as UTF-8 with or without a byte-order mark.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import logging
+import math
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 #: Record keys every reader produces.
 RECORD_KEYS = ("image", "caption", "short_caption", "id")
@@ -26,6 +33,68 @@ SOURCE_FORMATS = ("auto", "sharegpt4v", "jsonl", "json", "csv", "tsv", "hf")
 _TABLE_EXTENSIONS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv"}
 _HF_FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".jsonl": "json", ".json": "json", ".csv": "csv"}
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+_INTEGER_STRING = re.compile(r"^\s*[+-]?\d+\s*$")
+_SURROGATE = re.compile("[\udc80-\udcff]")  # undecodable bytes, kept by errors="surrogateescape"
+_BOM = b"\xef\xbb\xbf"
+
+#: Key of a record standing for a line (or entry) its reader could not parse; the value says where and why
+#: (``"pairs.jsonl, line 7: invalid JSON (...)"``). The dataset skips such a record as ``bad_record``.
+READ_ERROR_KEY = "read_error"
+
+#: Lines with a read error named in full in the reader's warning (the rest are counted).
+_LOGGED_READ_ERRORS = 5
+
+
+def generated_id_base(ids: Iterable[Any]) -> int:
+    """The first id a record without one may get (generated ids are ``base + index``): one past the largest
+    integer-valued explicit id (ints, integral floats, integer strings such as ``"7"``), or 0 when there is none.
+    So a generated id never equals an explicit one, and data without ids keeps the index as the id."""
+    largest = -1
+    for ident in ids:
+        if ident is None or isinstance(ident, bool):
+            continue
+        if isinstance(ident, str):
+            if not _INTEGER_STRING.match(ident):
+                continue
+            value = int(ident)
+        elif isinstance(ident, int):
+            value = ident
+        elif isinstance(ident, float):
+            if not math.isfinite(ident) or not ident.is_integer():
+                continue
+            value = int(ident)
+        else:
+            try:
+                import numpy as np
+
+                if not isinstance(ident, np.integer):
+                    continue
+            except ImportError:  # pragma: no cover
+                continue
+            value = int(ident)
+        largest = max(largest, value)
+    return largest + 1
+
+
+def _is_missing_id(ident: Any) -> bool:
+    return ident is None or (isinstance(ident, str) and not ident.strip()) or (
+        isinstance(ident, float) and math.isnan(ident)
+    )
+
+
+def _read_json_file(path: Path, what: str) -> Any:
+    """Parse a whole JSON file (UTF-8, with or without a byte-order mark); a truncated or invalid file is a
+    `ValueError` naming the file, the line and the column."""
+    try:
+        with open(path, encoding="utf-8-sig") as handle:
+            return json.load(handle)
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"{path}: not a valid {what} JSON file (truncated or corrupt?): {error.msg} at line {error.lineno}, "
+            f"column {error.colno}"
+        ) from None
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not a UTF-8 {what} JSON file ({error})") from None
 
 
 def resolve_image_path(image: Any, image_root: str | os.PathLike | None) -> Any:
@@ -76,14 +145,17 @@ def read_sharegpt4v(
 
     Returns:
         `list[dict]`: records whose ``id`` is the entry's index in the file (stable across splits and runs).
+
+    Raises:
+        `ValueError`: the file is not valid JSON (e.g. truncated by an interrupted download: the message names the
+        file and where parsing stopped) or not a JSON list.
     """
     if split not in ("train", "holdout", "all"):
         raise ValueError(f"split must be 'train', 'holdout' or 'all', got {split!r}")
     if holdout < 0:
         raise ValueError(f"holdout must be >= 0, got {holdout}")
     json_path = Path(json_path)
-    with open(json_path, encoding="utf-8") as handle:
-        entries = json.load(handle)
+    entries = _read_json_file(json_path, "ShareGPT4V")
     if not isinstance(entries, list):
         raise ValueError(f"{json_path}: a ShareGPT4V file is a JSON list, got {type(entries).__name__}")
     root = json_path.parent if image_root is None else image_root
@@ -106,28 +178,77 @@ def read_sharegpt4v(
     return records
 
 
-def _iter_table_rows(path: Path, kind: str) -> Iterator[dict[str, Any]]:
+def _iter_table_rows(
+    path: Path, kind: str, columns: tuple[str, ...] = ()
+) -> Iterator[tuple[str, dict[str, Any] | None, str | None]]:
+    """``(location, row, None)`` per row, or ``(location, None, problem)`` for a row that cannot be parsed.
+
+    `location` is ``"line N"`` (JSONL, CSV, TSV: the row's first line) or ``"entry N"`` (a JSON list). Blank JSONL
+    lines are not rows. The CSV/TSV header must hold `columns` (a `ValueError` otherwise).
+    """
     if kind == "jsonl":
-        with open(path, encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
+        with open(path, "rb") as handle:
+            for number, raw in enumerate(handle, start=1):
+                if number == 1 and raw.startswith(_BOM):
+                    raw = raw[len(_BOM):]
+                where = f"line {number}"
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as error:
+                    yield where, None, f"not UTF-8 ({error})"
+                    continue
                 if not line.strip():
                     continue
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as error:
-                    raise ValueError(f"{path}, line {number}: invalid JSON ({error})") from None
+                    yield where, None, f"invalid JSON ({error.msg} at column {error.colno})"
+                    continue
                 if not isinstance(row, Mapping):
-                    raise ValueError(f"{path}, line {number}: expected a JSON object, got {type(row).__name__}")
-                yield dict(row)
+                    yield where, None, f"expected a JSON object, got {type(row).__name__}"
+                    continue
+                yield where, dict(row), None
     elif kind == "json":
-        with open(path, encoding="utf-8") as handle:
-            rows = json.load(handle)
-        if not isinstance(rows, list) or not all(isinstance(row, Mapping) for row in rows):
-            raise ValueError(f"{path}: expected a JSON list of objects")
-        yield from (dict(row) for row in rows)
+        rows = _read_json_file(path, "caption table")
+        if not isinstance(rows, list):
+            raise ValueError(f"{path}: expected a JSON list of objects, got {type(rows).__name__}")
+        for number, row in enumerate(rows):
+            if isinstance(row, Mapping):
+                yield f"entry {number}", dict(row), None
+            else:
+                yield f"entry {number}", None, f"expected a JSON object, got {type(row).__name__}"
     else:
-        with open(path, encoding="utf-8", newline="") as handle:
-            yield from csv.DictReader(handle, delimiter="\t" if kind == "tsv" else ",")
+        # utf-8-sig drops a byte-order mark (else the first column would be named "\ufeffimage");
+        # surrogateescape keeps undecodable bytes so the row holding them can be skipped alone.
+        with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as handle:
+            reader = csv.reader(handle, delimiter="\t" if kind == "tsv" else ",")
+            start = 1
+            header: list[str] | None = None
+            while True:
+                try:
+                    values = next(reader)
+                except StopIteration:
+                    break
+                except csv.Error as error:
+                    raise ValueError(f"{path}, line {start}: {error}") from None
+                where, start = f"line {start}", reader.line_num + 1
+                if header is None:
+                    header = values
+                    for column in columns:
+                        if column not in header:
+                            present = ", ".join(repr(c) for c in header) or "none"
+                            raise ValueError(f"{path}: missing column {column!r} (header); columns present: {present}")
+                    continue
+                if not values:  # a blank line (csv.DictReader skips these too)
+                    continue
+                if len(values) != len(header):
+                    yield where, None, f"{len(values)} fields, the header has {len(header)}"
+                elif any(_SURROGATE.search(value) for value in values):
+                    yield where, None, "not UTF-8"
+                else:
+                    yield where, dict(zip(header, values)), None
+            if header is None and columns:
+                raise ValueError(f"{path}: missing column {columns[0]!r} (the file is empty); columns present: none")
 
 
 def read_caption_table(
@@ -141,35 +262,59 @@ def read_caption_table(
 ) -> list[dict[str, Any]]:
     """Read image-caption pairs from a ``.jsonl``, ``.json`` (a list of objects), ``.csv`` or ``.tsv`` file.
 
+    Files are UTF-8, with or without a byte-order mark. A row that cannot be parsed (invalid JSON, not an object,
+    not UTF-8, a CSV row with the wrong number of fields, a JSONL object without the image or caption key) does not
+    fail the read: it becomes a record with `READ_ERROR_KEY` set to ``"<file>, line N: <problem>"``, the dataset
+    skips and counts it as ``bad_record``, and one warning per file names the lines.
+
     Args:
         path: the table.
         image_root (*optional*): folder relative image paths are under; defaults to the table's folder.
         image_column / caption_column (`str`): required columns.
         short_caption_column (`str`, *optional*): used when present; an empty cell means "derive it".
-        id_column (`str`, *optional*): used when present; otherwise the row index is the id.
+        id_column (`str`, *optional*): used when present; otherwise the row index is the id. When only some rows
+            have an id, the others get ``base + row index``, `base` being one past the largest integer id of the
+            file (`generated_id_base`), so a generated id never equals an explicit one.
         file_format (`str`, *optional*): ``"jsonl"``, ``"json"``, ``"csv"`` or ``"tsv"``; by extension by default.
 
     Returns:
-        `list[dict]`: one record per row.
+        `list[dict]`: one record per row (blank JSONL lines are not rows).
 
     Raises:
-        `ValueError`: a required column is missing (the message names the file, the column and the columns
-        present), or the file is not valid in its format.
+        `ValueError`: a required column is missing from the CSV/TSV header or the first JSON object (the message
+        names the file, the column and the columns present), a ``.json`` file is not valid JSON or not a list, or a
+        CSV/TSV file cannot be tokenised (file and line named).
     """
     path = Path(path)
     kind = file_format or _TABLE_EXTENSIONS.get(path.suffix.lower())
     if kind not in ("jsonl", "json", "csv", "tsv"):
         raise ValueError(f"{path}: cannot tell the table format from the extension; pass file_format=")
     root = path.parent if image_root is None else image_root
+    required = (image_column, caption_column)
+    rows: list[tuple[str, dict[str, Any] | None, str | None]] = []
+    first = True
+    for where, row, problem in _iter_table_rows(path, kind, required if kind in ("csv", "tsv") else ()):
+        if row is not None:
+            missing = [column for column in required if column not in row]
+            if missing and first:
+                # The first object decides the layout: a missing column there is a wrong column name, not bad data.
+                present = ", ".join(repr(c) for c in row) or "none"
+                raise ValueError(f"{path}: missing column {missing[0]!r} ({where}); columns present: {present}")
+            if missing:
+                row, problem = None, f"no {missing[0]!r} key"
+            first = False
+        rows.append((where, row, problem))
+
+    explicit = [row.get(id_column) for _, row, _ in rows if row is not None and id_column]
+    base = generated_id_base(ident for ident in explicit if not _is_missing_id(ident))
     records: list[dict[str, Any]] = []
-    for index, row in enumerate(_iter_table_rows(path, kind)):
-        if index == 0 or image_column not in row or caption_column not in row:
-            # JSONL rows may differ; a CSV's header is checked on the first row.
-            for column in (image_column, caption_column):
-                if column not in row:
-                    present = ", ".join(repr(c) for c in row) or "none"
-                    where = "row 0" if index == 0 else f"row {index}"
-                    raise ValueError(f"{path}: missing column {column!r} ({where}); columns present: {present}")
+    problems: list[str] = []
+    for index, (where, row, problem) in enumerate(rows):
+        if row is None:
+            problems.append(f"{where} ({problem})")
+            records.append({"image": None, "caption": None, "short_caption": None, "id": base + index,
+                            READ_ERROR_KEY: f"{path}, {where}: {problem}"})
+            continue
         short = row.get(short_caption_column) if short_caption_column else None
         ident = row.get(id_column) if id_column else None
         records.append(
@@ -177,8 +322,15 @@ def read_caption_table(
                 "image": resolve_image_path(row[image_column], root),
                 "caption": row[caption_column],
                 "short_caption": short if isinstance(short, str) and short.strip() else None,
-                "id": index if ident is None or ident == "" else ident,
+                "id": base + index if _is_missing_id(ident) else ident,
             }
+        )
+    if problems:
+        shown = "; ".join(problems[:_LOGGED_READ_ERRORS])
+        more = f"; and {len(problems) - _LOGGED_READ_ERRORS} more" if len(problems) > _LOGGED_READ_ERRORS else ""
+        logger.warning(
+            "%s: %d unreadable row(s) kept as bad records (skipped and counted as bad_record): %s%s",
+            path, len(problems), shown, more,
         )
     return records
 
@@ -300,7 +452,7 @@ class TrainingSourceSpec:
 
 def _looks_like_sharegpt4v(path: Path, sniff_bytes: int = 65536) -> bool:
     """Whether a JSON file is a ShareGPT4V list, judged from its head (the real files are >1 GB: never parse twice)."""
-    with open(path, encoding="utf-8", errors="replace") as handle:
+    with open(path, encoding="utf-8-sig", errors="replace") as handle:
         head = handle.read(sniff_bytes)
     stripped = head.lstrip()
     if not stripped.startswith("["):
@@ -380,10 +532,12 @@ def open_training_source(spec: TrainingSourceSpec | str | os.PathLike | Mapping[
 
 
 __all__ = [
+    "READ_ERROR_KEY",
     "RECORD_KEYS",
     "SOURCE_FORMATS",
     "TrainingSourceSpec",
     "detect_format",
+    "generated_id_base",
     "load_hf_dataset",
     "open_training_source",
     "read_caption_table",

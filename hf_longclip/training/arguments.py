@@ -127,6 +127,10 @@ class DataArguments:
     )
     num_workers: int = field(default=2, metadata={"help": "data-loading worker processes per training process"})
     max_image_pixels: int = field(default=8192 * 8192, metadata={"help": "larger images are skipped"})
+    max_image_bytes: int = field(
+        default=256 * 1024 * 1024,
+        metadata={"help": "image files (or embedded image bytes) larger than this are skipped, checked before reading"},
+    )
     strict: bool = field(default=False, metadata={"help": "stop at start-up / at the first bad sample instead of skipping"})
     text_cache_dir: str | None = field(
         default=None, metadata={"help": "beta-CLIP: where parsed caption hierarchies are cached (default: output_dir)"}
@@ -148,6 +152,7 @@ class DataArguments:
         _positive("synthetic_image_size", self.synthetic_image_size)
         _positive("num_workers", self.num_workers, allow_zero=True)
         _positive("max_image_pixels", self.max_image_pixels)
+        _positive("max_image_bytes", self.max_image_bytes)
         _positive("text_num_proc", self.text_num_proc)
         if self.transform not in ("auto", *TRAIN_TRANSFORMS):
             raise ValueError(f"transform must be 'auto' or one of {TRAIN_TRANSFORMS}, got {self.transform!r}")

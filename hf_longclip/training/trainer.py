@@ -182,12 +182,14 @@ def run(model_args: ModelArguments, data_args: DataArguments, train_args: Traini
         held_out = eval_records(data_args, output_dir)
     streaming = not hasattr(records, "__len__")
     if isinstance(records, list):
-        report = validate_records(records, strict=data_args.strict, check_files=data_args.strict)
+        report = validate_records(records, strict=data_args.strict, check_files=data_args.strict,
+                                  max_image_bytes=data_args.max_image_bytes)
         if report.num_bad:
             logger.warning("training data: %s (these samples will be skipped and counted)", report.summary())
     transform_name = variant.train_transform if data_args.transform == "auto" else data_args.transform
     transform = transform_from_processor(processor, transform_name)
     common = {"strict": data_args.strict, "max_image_pixels": data_args.max_image_pixels,
+              "max_image_bytes": data_args.max_image_bytes,
               "passthrough": variant.record_fields}
     if streaming:
         if train_args.max_steps <= 0:
@@ -448,7 +450,6 @@ def run(model_args: ModelArguments, data_args: DataArguments, train_args: Traini
     # ---------------------------------------------------------------- the end
     finished = state["global_step"] >= total_steps
     checkpoint()
-    totals = skipped.as_dict()
     summary = {
         "variant": variant.name,
         "global_step": state["global_step"],
@@ -456,7 +457,9 @@ def run(model_args: ModelArguments, data_args: DataArguments, train_args: Traini
         "finished": finished,
         "first_loss_terms": first_terms,
         "last_loss_terms": last_terms,
-        "skipped_samples": totals,
+        # distinct bad samples per reason, and how often they were drawn (a bad sample is read once per epoch)
+        "skipped_samples": skipped.samples_by_reason(),
+        "skipped_visits": skipped.visits_by_reason(),
         "skipped_steps": state["skipped_steps"],
         # the median step after the first (which includes warm-up work), and the throughput it gives
         "seconds_per_step": _median(step_seconds[1:] or step_seconds),
