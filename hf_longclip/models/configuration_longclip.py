@@ -47,6 +47,71 @@ def validate_stretch(source_length: int, keep: int, ratio: int, target_length: i
             )
 
 
+#: Fields that fix the shape of each tower: all at CLIP's defaults means the tower was built from no section at all.
+_TOWER_SHAPE_FIELDS = {
+    "text_config": ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"),
+    "vision_config": (
+        "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size", "patch_size"
+    ),
+}
+
+
+def _has_default_tower(config, section: str) -> bool:
+    tower = getattr(config, section, None)
+    if tower is None:
+        return True
+    default = type(tower)()
+    return all(getattr(tower, name, None) == getattr(default, name, None) for name in _TOWER_SHAPE_FIELDS[section])
+
+
+def check_saved_config(config_dict: dict, source: str = "config.json", config=None) -> list[str]:
+    """Check the ``config.json`` dict of a saved hf_longclip model for sections and fields whose absence would build
+    a quietly wrong model, since the config class fills in CLIP's defaults.
+
+    transformers writes every field of both towers, so a missing one means the file was damaged or hand-edited.
+    With `config` (the config object the model is built from, read from that file), a problem the object no longer
+    has (the caller set the field) is not reported.
+
+    Raises:
+        `ValueError` naming the field: no ``text_config`` or ``vision_config`` (the tower would be a default
+        ViT-B/32-shaped one, not the checkpoint's), or no ``text_config.eos_token_id`` while the default (49407,
+        OpenAI's end-of-text id) is not the last id of the configured vocabulary (every caption would be pooled at
+        position 0: all captions alike).
+
+    Returns:
+        Warnings (strings) for fields that are missing but whose defaults fit: ``text_config.eos_token_id`` with
+        OpenAI's 49408-token vocabulary.
+    """
+    for section in ("text_config", "vision_config"):
+        if not isinstance(config_dict.get(section), dict) and (config is None or _has_default_tower(config, section)):
+            raise ValueError(
+                f"{source} has no `{section}` section: the {section.split('_')[0]} tower would be built with CLIP's "
+                f"default sizes instead of the checkpoint's; restore `{section}` (e.g. from the config of the model "
+                "this one was trained or stretched from)"
+            )
+    text = config_dict.get("text_config") or {}
+    default = CLIPTextConfig().eos_token_id
+    notes = []
+    fixed = config is not None and getattr(config.text_config, "eos_token_id", default) != default
+    if "eos_token_id" not in text and not fixed:
+        vocab = text.get("vocab_size", CLIPTextConfig().vocab_size)
+        message = (
+            f"{source} has no `text_config.eos_token_id`: the text tower pools each caption at that token, and the "
+            f"default ({default}) "
+        )
+        if default != vocab - 1:
+            raise ValueError(
+                message + f"is not the end-of-text id of this {vocab}-token vocabulary, so every caption would be "
+                "pooled at position 0 (all captions alike). Set `text_config.eos_token_id` to the tokenizer's "
+                "end-of-text id (tokenizer.eos_token_id)"
+            )
+        notes.append(
+            message + f"is assumed (OpenAI's end-of-text id, the last of the {vocab}-token vocabulary); set "
+            "`text_config.eos_token_id` to the tokenizer's end-of-text id to silence this warning"
+        )
+    return notes
+
+
 @strict
 class LongCLIPConfig(CLIPConfig):
     r"""
@@ -153,6 +218,7 @@ __all__ = [
     "LONGCLIP_CONTEXT_LENGTH",
     "LONGCLIP_LOGIT_SCALE",
     "LongCLIPConfig",
+    "check_saved_config",
     "stretched_length",
     "validate_stretch",
 ]

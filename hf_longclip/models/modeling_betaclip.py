@@ -491,6 +491,7 @@ class BetaCLIPModel(LongCLIPModel):
         self._check_scoring(scoring)
         if scoring == "global":
             return super().retrieval_image_features(pixel_values, scoring)
+        self.check_image_inputs(pixel_values)
         cls_embeds, patch_embeds = self.get_image_tokens(pixel_values)
         return {
             "image_embeds": F.normalize(cls_embeds, dim=-1),
@@ -614,7 +615,7 @@ class BetaCLIPModel(LongCLIPModel):
         embeddings, the pooling block's keys (``image_tokens``, `(B, P, D)`), and the query embeddings with their
         slot mask (``query_embeds`` `(B, K, D)`, ``query_mask`` `(B, K)`). The pooling block runs in
         `loss_from_features`."""
-        self._require_inputs(input_ids, pixel_values)
+        self._require_inputs(input_ids, pixel_values, attention_mask)
         if input_ids.shape[0] != pixel_values.shape[0]:
             raise ValueError(
                 f"beta-CLIP's query hierarchy pairs image i with caption i: got {pixel_values.shape[0]} images and "

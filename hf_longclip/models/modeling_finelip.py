@@ -229,6 +229,7 @@ class FineLIPModel(LongCLIPModel):
         self._check_scoring(scoring)
         if scoring == "global":
             return super().retrieval_image_features(pixel_values, scoring)
+        self.check_image_inputs(pixel_values)
         cls_embeds, image_tokens, _ = self.image_token_set(pixel_values)
         return {"image_embeds": F.normalize(cls_embeds, dim=-1), "image_tokens": image_tokens}
 
@@ -240,6 +241,7 @@ class FineLIPModel(LongCLIPModel):
         self._check_scoring(scoring)
         if scoring == "global":
             return super().retrieval_text_features(input_ids, attention_mask, scoring)
+        self.check_text_inputs(input_ids, attention_mask)
         eot_embeds, text_tokens, mask, _ = self.text_token_set(input_ids, attention_mask)
         return {"text_embeds": F.normalize(eot_embeds, dim=-1), "text_tokens": text_tokens, "text_token_mask": mask}
 
@@ -359,7 +361,7 @@ class FineLIPModel(LongCLIPModel):
         """Per-sample features of the loss: normalised global embeddings, the aggregated token sets
         (``image_tokens`` / ``text_tokens`` with ``text_token_mask``) and ``image_ids`` when given (see
         `LongCLIPModel.loss_features` for the two-stage interface)."""
-        self._require_inputs(input_ids, pixel_values)
+        self._require_inputs(input_ids, pixel_values, attention_mask)
         towers = self.tower_kwargs(output_attentions, output_hidden_states)
         cls_embeds, image_tokens, vision_outputs = self.image_token_set(pixel_values, interpolate_pos_encoding, **towers)
         eot_embeds, text_tokens, text_mask, text_outputs = self.text_token_set(

@@ -580,7 +580,7 @@ class FixCLIPModel(LongCLIPModel):
         short-branch embeddings, the short branch's ``patch_mask``, and the per-layer CLS / EOT tokens of the
         branches the hierarchical alignment uses (``image_layer_tokens`` / ``text_layer_tokens``). With
         `for_loss=False` only the long branch runs (no masked pass, no layer tokens)."""
-        self._require_inputs(input_ids, pixel_values)
+        self._require_inputs(input_ids, pixel_values, attention_mask)
         cfg = self.config
         towers = self.tower_kwargs(output_attentions, output_hidden_states)
         want_groups = for_loss and len(cfg.aligned_groups) > 0

@@ -5,6 +5,8 @@ See docs/longclip.md (the method) and docs/adding_a_variant.md (the contract a v
 from __future__ import annotations
 
 import os
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -25,7 +27,7 @@ from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
 
-from .configuration_longclip import LONGCLIP_LOGIT_SCALE, LongCLIPConfig, validate_stretch
+from .configuration_longclip import LONGCLIP_LOGIT_SCALE, LongCLIPConfig, check_saved_config, validate_stretch
 from .losses_common import gather_with_grad, local_contrastive_loss
 from .losses_longclip import pca_reconstruct
 
@@ -45,6 +47,11 @@ LOADING_KWARGS = HUB_KWARGS | {
     "max_memory",
     "offload_folder",
 }
+#: Rows `encode_text` / `encode_image` run through a tower at once (a whole list in one call would hold every row's
+#: attention maps at the same time: 5000 captions of 248 tokens need ~5 GB even in a tiny model).
+ENCODE_BATCH_SIZE = 256
+#: Top-level modules and parameters of a stock CLIP (the backbone every variant shares).
+BACKBONE_MODULES = frozenset({"text_model", "vision_model", "text_projection", "visual_projection", "logit_scale"})
 #: Config fields that describe a stretched table (copied from a source hf_longclip model; a stock source's come from
 #: `from_clip`'s ``position_keep`` / ``position_ratio`` and the source table's length).
 STRETCH_FIELDS = ("source_max_position_embeddings", "position_keep", "position_ratio")
@@ -80,6 +87,118 @@ def stretch_position_embeddings(
     mixed = tail.unsqueeze(1) * (1 - weights)[None, :, None] + following.unsqueeze(1) * weights[None, :, None]
     stretched = torch.cat([work[:keep], mixed.reshape(-1, work.shape[1])], dim=0)
     return stretched.to(table.dtype)
+
+
+# ---------------------------------------------------------------------------------------------- input checks
+def end_token_id(eos_token_id: Any, vocab_size: int | None) -> int | None:
+    """The id the text tower pools each caption at, or `None` when that cannot be checked.
+
+    transformers' CLIP text tower pools at the first ``eos_token_id``; a legacy config whose ``eos_token_id`` is 2
+    pools at the largest id of the row, the end-of-text token of OpenAI's vocabulary (its last id). An id outside
+    the vocabulary (e.g. transformers' test configs: 49407 with 99 tokens) can never be in the input: `None`.
+    """
+    if isinstance(eos_token_id, bool) or not isinstance(eos_token_id, int):
+        return None
+    if eos_token_id == 2:
+        eos_token_id = vocab_size - 1 if vocab_size else None
+    if eos_token_id is None or eos_token_id < 0 or (vocab_size is not None and eos_token_id >= vocab_size):
+        return None
+    return eos_token_id
+
+
+def _values_wanted(tensor: torch.Tensor, values: bool | None) -> bool:
+    # A check of tensor values reads them on the host: free for a CPU tensor, a device synchronisation otherwise.
+    return tensor.device.type == "cpu" if values is None else bool(values)
+
+
+def _named_rows(rows: torch.Tensor, row_names: Sequence[str] | None = None, noun: str = "row") -> str:
+    """The first five of `rows` (indices) by name: ``row_names[i]``, else ``"<noun> <i>"``."""
+    names = [row_names[i] if row_names is not None else f"{noun} {i}" for i in rows[:5].tolist()]
+    return ", ".join(names) + (", ..." if rows.numel() > 5 else "")
+
+
+def check_input_ids(
+    input_ids: Any,
+    attention_mask: torch.Tensor | None = None,
+    eos_token_id: Any = None,
+    vocab_size: int | None = None,
+    *,
+    values: bool | None = None,
+    what: str = "input_ids",
+    row_names: Sequence[str] | None = None,
+) -> None:
+    """Raise a `ValueError` naming the problem for token ids the text tower cannot use.
+
+    Always (free: metadata only): not `(batch, seq_len)`, an empty batch, no tokens, a float / bool dtype (and a
+    `TypeError` for a non-tensor). With `values` (default: only when `input_ids` is on the CPU, where reading values
+    costs no device synchronisation): ids outside ``[0, vocab_size)`` and rows without the end-of-text token
+    (`end_token_id`) inside their attention mask; without it every such caption is pooled at a wrong position.
+    """
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"{what} must be a tensor of token ids, got {type(input_ids).__name__}")
+    if input_ids.dim() != 2:
+        raise ValueError(f"{what} must have shape (batch, seq_len), got {tuple(input_ids.shape)}")
+    if input_ids.shape[0] == 0:
+        raise ValueError(f"{what} is an empty batch (0 captions); pass at least one caption")
+    if input_ids.shape[1] == 0:
+        raise ValueError(f"{what} has 0 tokens per caption; captions need at least the start and end tokens")
+    if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+        raise ValueError(f"{what} must hold integer token ids, got dtype {input_ids.dtype}")
+    if not _values_wanted(input_ids, values) or input_ids.device.type == "meta":
+        return
+    if vocab_size is not None:
+        outside = ((input_ids < 0) | (input_ids >= vocab_size)).any(-1).nonzero().flatten()
+        if outside.numel():
+            raise ValueError(
+                f"{what} holds ids outside the {vocab_size}-token vocabulary ({_named_rows(outside, row_names)}); "
+                "tokenise with the model's own tokenizer"
+            )
+    end = end_token_id(eos_token_id, vocab_size)
+    if end is None:
+        return
+    has_end = input_ids == end
+    if attention_mask is not None and tuple(attention_mask.shape) == tuple(input_ids.shape):
+        has_end = has_end & attention_mask.to(device=input_ids.device, dtype=torch.bool)
+    missing = (~has_end.any(-1)).nonzero().flatten()
+    if missing.numel():
+        raise ValueError(
+            f"{missing.numel()} of {input_ids.shape[0]} captions in {what} have no end-of-text token (id {end}) "
+            f"({_named_rows(missing, row_names)}): the text tower pools each caption at that token, so these would "
+            "be read at a wrong position. Tokenise with the processor (truncation keeps the end token last)"
+        )
+
+
+def check_pixel_values(
+    pixel_values: Any,
+    num_channels: int | None = None,
+    *,
+    values: bool | None = None,
+    what: str = "pixel_values",
+) -> None:
+    """Raise a `ValueError` naming the problem for pixel values the image tower cannot use.
+
+    Always (metadata only): not `(batch, channels, height, width)`, an empty batch, a channel count other than
+    `num_channels`, an integer dtype (raw 0-255 pixels: the tower expects the image processor's rescaled, normalised
+    floats); a `TypeError` for a non-tensor. With `values` (default: only on the CPU, no device synchronisation): NaN or infinite values.
+    """
+    if not isinstance(pixel_values, torch.Tensor):
+        raise TypeError(f"{what} must be a tensor, got {type(pixel_values).__name__}")
+    if pixel_values.dim() != 4:
+        raise ValueError(f"{what} must have shape (batch, channels, height, width), got {tuple(pixel_values.shape)}")
+    if pixel_values.shape[0] == 0:
+        raise ValueError(f"{what} is an empty batch (0 images); pass at least one image")
+    if num_channels is not None and pixel_values.shape[1] != num_channels:
+        raise ValueError(f"{what} have {pixel_values.shape[1]} channels, but the image tower takes {num_channels}")
+    if not pixel_values.is_floating_point():
+        raise ValueError(
+            f"{what} have dtype {pixel_values.dtype}; the image tower takes floating-point pixels rescaled and "
+            "normalised by the image processor (processor(images=...)), not raw integer pixels"
+        )
+    if not _values_wanted(pixel_values, values) or pixel_values.device.type == "meta":
+        return
+    bad = (~torch.isfinite(pixel_values)).flatten(1).any(-1).nonzero().flatten()
+    if bad.numel():
+        raise ValueError(f"{what} hold NaN or infinite values ({_named_rows(bad, noun='image')})")
 
 
 class FrozenPrefixEmbedding(nn.Embedding):
@@ -272,6 +391,14 @@ class EncoderRecorder:
         }
 
 
+def _row_chunks(count: int, batch_size: int | None) -> list[slice]:
+    """Slices of at most `batch_size` rows (default `ENCODE_BATCH_SIZE`) covering `count` rows."""
+    size = ENCODE_BATCH_SIZE if batch_size is None else int(batch_size)
+    if size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    return [slice(start, start + size) for start in range(0, count, size)] or [slice(0, 0)]
+
+
 def _clip_config_from(config: PreTrainedConfig) -> CLIPConfig:
     """A stock ``CLIPConfig`` with the same towers (and the stretched text length) as ``config``."""
     return CLIPConfig(
@@ -280,6 +407,20 @@ def _clip_config_from(config: PreTrainedConfig) -> CLIPConfig:
         projection_dim=config.projection_dim,
         logit_scale_init_value=config.logit_scale_init_value,
     )
+
+
+def _variants_with_heads(prefixes: Sequence[str]) -> list[type]:
+    """The loaded hf_longclip model classes whose heads include every one of `prefixes` (first per model_type)."""
+    found: dict[str, type] = {}
+    stack = list(LongCLIPModel.__subclasses__())
+    while stack:
+        candidate = stack.pop(0)
+        stack.extend(candidate.__subclasses__())
+        heads = set(getattr(candidate, "head_modules", ()))
+        model_type = getattr(getattr(candidate, "config_class", None), "model_type", None)
+        if heads and set(prefixes) <= heads and model_type and model_type not in found:
+            found[model_type] = candidate
+    return list(found.values())
 
 
 def _is_family_config(config: dict) -> bool:
@@ -385,22 +526,60 @@ class LongCLIPModel(CLIPModel):
         self.enable_checkpointing("text", gradient_checkpointing_kwargs)
 
     # ------------------------------------------------------------------ features
-    def encode_text(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, normalize: bool = True
-    ) -> torch.Tensor:
-        """Projected pooled (EOT) text embeddings, L2-normalised unless ``normalize=False``."""
-        features = self.get_text_features(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)
-        return F.normalize(features.pooler_output, dim=-1) if normalize else features.pooler_output
+    def check_text_inputs(
+        self, input_ids: Any, attention_mask: torch.Tensor | None = None, *, values: bool | None = None,
+        what: str = "input_ids",
+    ) -> None:
+        """`check_input_ids` against this model's vocabulary and end-of-text id (values read only on the CPU unless
+        `values` says otherwise)."""
+        text_config = self.config.text_config
+        check_input_ids(
+            input_ids, attention_mask, text_config.eos_token_id, text_config.vocab_size, values=values, what=what
+        )
 
-    def encode_image(self, pixel_values: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        """Projected CLS image embeddings, L2-normalised unless ``normalize=False``."""
-        features = self.get_image_features(pixel_values=pixel_values, return_dict=True).pooler_output
+    def check_image_inputs(self, pixel_values: Any, *, values: bool | None = None, what: str = "pixel_values") -> None:
+        """`check_pixel_values` against this model's image tower (values read only on the CPU unless `values`)."""
+        check_pixel_values(pixel_values, self.config.vision_config.num_channels, values=values, what=what)
+
+    def encode_text(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        normalize: bool = True,
+        batch_size: int | None = None,
+    ) -> torch.Tensor:
+        """Projected pooled (EOT) text embeddings, L2-normalised unless ``normalize=False``.
+
+        Rows go through the text tower `batch_size` at a time (default `ENCODE_BATCH_SIZE`, 256), so encoding
+        thousands of captions does not hold all their attention maps at once; the result is the same.
+        """
+        self.check_text_inputs(input_ids, attention_mask)
+        chunks = []
+        for rows in _row_chunks(input_ids.shape[0], batch_size):
+            mask = attention_mask[rows] if attention_mask is not None else None
+            output = self.get_text_features(input_ids=input_ids[rows], attention_mask=mask, return_dict=True)
+            chunks.append(output.pooler_output)
+        features = chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=0)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def encode_image(
+        self, pixel_values: torch.Tensor, normalize: bool = True, batch_size: int | None = None
+    ) -> torch.Tensor:
+        """Projected CLS image embeddings, L2-normalised unless ``normalize=False``; images go through the image
+        tower `batch_size` at a time (default `ENCODE_BATCH_SIZE`)."""
+        self.check_image_inputs(pixel_values)
+        chunks = [
+            self.get_image_features(pixel_values=pixel_values[rows], return_dict=True).pooler_output
+            for rows in _row_chunks(pixel_values.shape[0], batch_size)
+        ]
+        features = chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=0)
         return F.normalize(features, dim=-1) if normalize else features
 
     def get_text_token_features(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Every text token after the final LayerNorm and the text projection: `(batch, seq_len, projection_dim)`."""
+        self.check_text_inputs(input_ids, attention_mask)
         hidden = self.text_model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True).last_hidden_state
         return self.text_projection(hidden)
 
@@ -410,6 +589,7 @@ class LongCLIPModel(CLIPModel):
         transformers' ``last_hidden_state`` is taken *before* ``post_layernorm`` (only the pooled CLS is normalised),
         so the LayerNorm is applied here to all tokens. Shape `(batch, 1 + num_patches, projection_dim)`.
         """
+        self.check_image_inputs(pixel_values)
         hidden = self.vision_model(pixel_values=pixel_values, return_dict=True).last_hidden_state
         return self.visual_projection(self.vision_model.post_layernorm(hidden))
 
@@ -446,14 +626,14 @@ class LongCLIPModel(CLIPModel):
     def retrieval_image_features(self, pixel_values: torch.Tensor, scoring: str = "global") -> dict[str, torch.Tensor]:
         """Per-image features needed by `retrieval_scores` (a dict of tensors with the images on dim 0)."""
         self._check_scoring(scoring)
-        return {"image_embeds": self.encode_image(pixel_values)}
+        return {"image_embeds": self.encode_image(pixel_values)}  # encode_image checks the inputs
 
     def retrieval_text_features(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, scoring: str = "global"
     ) -> dict[str, torch.Tensor]:
         """Per-text features needed by `retrieval_scores` (a dict of tensors with the texts on dim 0)."""
         self._check_scoring(scoring)
-        return {"text_embeds": self.encode_text(input_ids, attention_mask)}
+        return {"text_embeds": self.encode_text(input_ids, attention_mask)}  # encode_text checks the inputs
 
     def retrieval_scores(
         self, image_features: dict[str, torch.Tensor], text_features: dict[str, torch.Tensor], scoring: str = "global"
@@ -527,7 +707,7 @@ class LongCLIPModel(CLIPModel):
         """Per-sample features the loss needs: normalised ``image_embeds``, ``text_embeds`` and (when short captions
         are given) ``short_text_embeds``, each `(batch, projection_dim)`. With `keep_outputs` the towers' outputs
         are included too (``vision_model_output``, ``text_model_output``)."""
-        self._require_inputs(input_ids, pixel_values)
+        self._require_inputs(input_ids, pixel_values, attention_mask)
         towers = self.tower_kwargs(output_attentions, output_hidden_states)
         vision_outputs = self.get_image_features(
             pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, return_dict=True, **towers
@@ -581,15 +761,19 @@ class LongCLIPModel(CLIPModel):
             "vision_model_output": features.get("vision_model_output"),
         }
 
-    def _require_inputs(self, input_ids, pixel_values) -> None:
+    def _require_inputs(self, input_ids, pixel_values, attention_mask: torch.Tensor | None = None) -> None:
+        """The training forward's input checks: both inputs given, shapes and dtypes (free), and on CPU tensors the
+        values too (`check_input_ids`, `check_pixel_values`); CUDA inputs are not read (no synchronisation)."""
         if input_ids is None or pixel_values is None:
             raise ValueError(f"{type(self).__name__}.forward needs both input_ids and pixel_values")
         limit = self.config.text_config.max_position_embeddings
-        if input_ids.shape[-1] > limit:
+        if getattr(input_ids, "dim", lambda: 0)() == 2 and input_ids.shape[-1] > limit:
             raise ValueError(
                 f"captions have {input_ids.shape[-1]} tokens but the text encoder reads at most {limit}; "
                 "tokenise with truncation"
             )
+        self.check_text_inputs(input_ids, attention_mask)
+        self.check_image_inputs(pixel_values)
 
     @staticmethod
     def _require_pairs(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> None:
@@ -762,15 +946,33 @@ class LongCLIPModel(CLIPModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """Load a saved model of this variant; a stock CLIP checkpoint (model_type ``clip``) is stretched through
-        `from_clip` with the same loading options."""
-        if kwargs.get("config") is None and pretrained_model_name_or_path is not None and not args:
+        `from_clip` with the same loading options.
+
+        A damaged or mislabelled checkpoint is refused with a `ValueError` naming the problem instead of loading
+        quietly wrong: a ``config.json`` without ``text_config`` / ``vision_config`` or ``text_config.eos_token_id``
+        (`check_saved_config`), head weights of another variant (its ``model_type`` names the wrong variant), or
+        missing head weights of this one (they would be random).
+        """
+        where = "" if pretrained_model_name_or_path is None else f" at {os.fspath(pretrained_model_name_or_path)!r}"
+        config = kwargs.get("config")
+        # AutoModel passes the config it has just read from the same file (named after it); a config object of the
+        # caller's own making is used as given.
+        from_file = config is None or (
+            isinstance(config, PreTrainedConfig)
+            and pretrained_model_name_or_path is not None
+            and getattr(config, "name_or_path", None) == str(pretrained_model_name_or_path)
+        )
+        if pretrained_model_name_or_path is not None and not args and from_file:
             hub = {k: kwargs[k] for k in HUB_KWARGS - {"trust_remote_code"} if k in kwargs}
             try:
                 config_dict, _ = PreTrainedConfig.get_config_dict(pretrained_model_name_or_path, **hub)
             except (OSError, ValueError):
                 config_dict = {}
-            if config_dict.get("model_type") == "clip":
+            if config is None and config_dict.get("model_type") == "clip":
                 return cls.from_clip(pretrained_model_name_or_path, **kwargs)
+            if _is_family_config(config_dict) or config_dict.get("model_type") == cls.config_class.model_type:
+                for note in check_saved_config(config_dict, f"the config.json{where}", config):
+                    warnings.warn(note, UserWarning, stacklevel=2)
         # Load with mismatches allowed so that a wrong position table gets an error naming both sizes
         # (transformers' own error only points at a log report); other mismatches still raise unless asked.
         allow_mismatch = kwargs.pop("ignore_mismatched_sizes", False)
@@ -778,9 +980,15 @@ class LongCLIPModel(CLIPModel):
         model, info = super().from_pretrained(
             pretrained_model_name_or_path, *args, ignore_mismatched_sizes=True, output_loading_info=True, **kwargs
         )
+        type(model)._check_head_keys(info.get("missing_keys", ()), info.get("unexpected_keys", ()), where)
         mismatched = list(info.get("mismatched_keys", []))
         for key, checkpoint_shape, model_shape in mismatched:
             if key.endswith(TEXT_POSITION_KEY):
+                if tuple(checkpoint_shape)[0] == tuple(model_shape)[0]:
+                    raise ValueError(
+                        f"the checkpoint's text position table is {tuple(checkpoint_shape)} but this configuration's "
+                        f"is {tuple(model_shape)}: text_config.hidden_size does not match the checkpoint's text tower"
+                    )
                 raise ValueError(
                     f"the checkpoint's text position table has {checkpoint_shape[0]} rows, but this configuration "
                     f"expects {model_shape[0]} (stretched from {model.config.source_max_position_embeddings} with "
@@ -794,6 +1002,50 @@ class LongCLIPModel(CLIPModel):
             if isinstance(module, FrozenPrefixEmbedding):
                 module.mark_stale()
         return (model, info) if want_info else model
+
+    @classmethod
+    def _check_head_keys(cls, missing_keys, unexpected_keys, where: str = "") -> None:
+        """Refuse a checkpoint whose head weights are another variant's, or a full backbone without this variant's
+        heads: the signature of a ``config.json`` naming the wrong variant, where transformers would leave this
+        variant's heads random and drop the other's with only a load report.
+
+        Unexpected keys of no known variant, and missing heads of a checkpoint that lacks backbone weights too (a
+        damaged or partial file), keep transformers' own handling (its load report), plus a `UserWarning` for the
+        missing heads, as stock `CLIPModel` does for missing weights.
+        """
+        own_type = cls.config_class.model_type
+        foreign = sorted(
+            k for k in unexpected_keys if k.split(".", 1)[0] not in BACKBONE_MODULES and not cls.is_head_parameter(k)
+        )
+        owners = _variants_with_heads(sorted({k.split(".", 1)[0] for k in foreign})) if foreign else []
+        missing = sorted(k for k in missing_keys if cls.is_head_parameter(k))
+        backbone_missing = any(k.split(".", 1)[0] in BACKBONE_MODULES for k in missing_keys)
+        lines = []
+        if owners:
+            prefixes = sorted({k.split(".", 1)[0] for k in foreign})
+            names = " / ".join(f"{c.__name__} (model_type {c.config_class.model_type!r})" for c in owners)
+            lines.append(
+                f"the checkpoint{where} holds {len(foreign)} weights of modules {cls.__name__} does not have "
+                f"({', '.join(prefixes)}): the heads of {names}, but its config.json says model_type {own_type!r}; "
+                f"set model_type to {owners[0].config_class.model_type!r} in its config.json (or load it with "
+                f"{owners[0].__name__})"
+            )
+        if missing:
+            prefixes = sorted({k.split(".", 1)[0] for k in missing})
+            message = (
+                f"the checkpoint{where} lacks {len(missing)} head weights of {cls.__name__} (model_type {own_type!r}: "
+                f"{', '.join(prefixes)}), which would be left randomly initialised"
+            )
+            if backbone_missing and not lines:
+                warnings.warn(message + " (its backbone weights are incomplete too)", UserWarning, stacklevel=3)
+            else:
+                lines.append(
+                    message + ". If it is a checkpoint of another variant (a Long-CLIP checkpoint has no heads), fix "
+                    f"model_type in its config.json; to put fresh heads on a trained backbone on purpose, load it as "
+                    f"what it is and call {cls.__name__}.from_clip(model)"
+                )
+        if lines:
+            raise ValueError("; ".join(lines))
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """transformers' `save_pretrained`; a model registered for remote code also maps the zero-shot
@@ -842,11 +1094,16 @@ class LongCLIPModel(CLIPModel):
 
 
 __all__ = [
+    "BACKBONE_MODULES",
+    "ENCODE_BATCH_SIZE",
     "CLIPVariantOutput",
     "EncoderRecorder",
     "FrozenPrefixEmbedding",
     "LongCLIPModel",
     "LongCLIPOutput",
+    "check_input_ids",
+    "check_pixel_values",
+    "end_token_id",
     "stretch_position_embeddings",
     "TEXT_POSITION_KEY",
 ]

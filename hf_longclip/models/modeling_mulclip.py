@@ -269,7 +269,7 @@ class MulCLIPModel(LongCLIPModel):
         calibrated token sets with the per-sample ``word_sample_mask``, and the subcaption embeddings with their
         aggregated image embeddings and slot mask. Everything here is computed inside each sample; the batch-wise
         terms are formed in `loss_from_features`."""
-        self._require_inputs(input_ids, pixel_values)
+        self._require_inputs(input_ids, pixel_values, attention_mask)
         cfg = self.config
         towers = self.tower_kwargs(output_attentions, output_hidden_states)
         cls_embeds, patch_tokens, vision_outputs = self.image_tokens(pixel_values, interpolate_pos_encoding, **towers)
