@@ -399,16 +399,21 @@ def _run_evaluate(args) -> int:
     import torch
 
     from .evaluation import BenchmarkLayoutError, EvalSettings, evaluate, parse_benchmarks
+    from .evaluation.runner import check_output_path
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("fp16" if device.startswith("cuda") else "fp32")
-    try:
+    try:  # everything checkable is checked before the model is loaded
         benchmarks = parse_benchmarks(args.benchmarks)
         settings = EvalSettings(
             batch_size=args.batch_size, device=device, dtype=dtype, num_workers=args.num_workers, progress=not args.no_progress
         )
     except ValueError as error:
-        raise CommandError(str(error)) from error
+        raise CommandError(_one_line(error)) from error
+    try:
+        check_output_path(args.output)
+    except ValueError as error:
+        raise CommandError(f"--output: {_one_line(error)}") from error
     model, processor = _load_model_and_processor(args.model, args.revision, args.trust_remote_code, device)
     splits = args.fgovd_splits.split(",") if args.fgovd_splits else None
     try:
@@ -416,8 +421,8 @@ def _run_evaluate(args) -> int:
             model, processor, benchmarks, args.data_root, scoring=args.scoring, settings=settings,
             fgovd_splits=splits, zeroshot_templates=args.templates, output=args.output, model_name=args.model,
         )
-    except (BenchmarkLayoutError, ValueError, TypeError) as error:
-        raise CommandError(str(error)) from error
+    except (BenchmarkLayoutError, ValueError, TypeError, OSError) as error:  # OSError: writing the results file
+        raise CommandError(_one_line(error)) from error
     for name, metrics in report["benchmarks"].items():
         shown = {k: round(v, 2) for k, v in metrics.items() if isinstance(v, float) and ("R@" in k or "top" in k or "accuracy" in k)}
         print(f"{name}: {json.dumps(shown)}")
@@ -452,26 +457,33 @@ def _add_push(subparsers) -> None:
 
 
 def _run_push(args) -> int:
-    from .hub import push_to_hub
+    from .hub import check_push_inputs, push_to_hub
 
+    try:  # offline mode, the repository id and the results file: before the model is even loaded
+        check_push_inputs(args.repo_id, args.results)
+    except (OSError, ValueError) as error:
+        raise CommandError(_one_line(error)) from error
     model, processor = _load_model_and_processor(args.model, None, args.trust_remote_code)
-    info = push_to_hub(
-        model,
-        processor,
-        args.repo_id,
-        results=args.results,
-        base_model=args.base_model,
-        datasets=args.dataset,
-        license=args.license,
-        export_clip=args.export_clip,
-        export_diffusers_text_encoder=args.export_diffusers_text_encoder,
-        commit_message=args.commit_message,
-        revision=args.revision,
-        private=args.private or None,
-        create_pr=args.create_pr,
-        token=args.token,
-        endpoint=args.endpoint,
-    )
+    try:
+        info = push_to_hub(
+            model,
+            processor,
+            args.repo_id,
+            results=args.results,
+            base_model=args.base_model,
+            datasets=args.dataset,
+            license=args.license,
+            export_clip=args.export_clip,
+            export_diffusers_text_encoder=args.export_diffusers_text_encoder,
+            commit_message=args.commit_message,
+            revision=args.revision,
+            private=args.private or None,
+            create_pr=args.create_pr,
+            token=args.token,
+            endpoint=args.endpoint,
+        )
+    except (OSError, ValueError, TypeError) as error:  # the Hub's answers, no network, a card that cannot render
+        raise CommandError(f"push to {args.repo_id!r} failed: {_one_line(error)}") from error
     print(getattr(info, "pr_url", None) or getattr(info, "commit_url", info))
     return 0
 

@@ -5,6 +5,7 @@ See docs/evaluation.md (Model cards, Publishing).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import yaml
 from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData
+from huggingface_hub.errors import OfflineModeIsEnabled
 
 from .resources import shipped_dir
 from .variants import get_variant
@@ -44,11 +46,60 @@ _BENCHMARK_INFO = {
 
 
 def _load_results(results: str | os.PathLike | Mapping | None) -> dict | None:
+    """The results dict of a path or mapping; a one-line error for a missing / unreadable file or invalid JSON."""
     if results is None:
         return None
     if isinstance(results, Mapping):
         return dict(results)
-    return json.loads(Path(results).read_text(encoding="utf-8"))
+    path = Path(results)
+    if not path.is_file():
+        raise FileNotFoundError(f"results file {str(results)!r} not found" + (" (it is a folder)" if path.is_dir() else ""))
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as error:
+        raise OSError(f"cannot read results file {str(results)!r}: {error}") from error
+    except json.JSONDecodeError as error:
+        raise ValueError(f"results file {str(results)!r} is not valid JSON ({error})") from error
+    if not isinstance(data, dict):
+        raise ValueError(f"results file {str(results)!r} holds a {type(data).__name__}, not the object `hf-longclip evaluate` writes")
+    return data
+
+
+def check_results(results: str | os.PathLike | Mapping | None) -> dict | None:
+    """The results of `results` (a path or mapping) if they are what :func:`hf_longclip.evaluation.evaluate` writes
+    (an object with a ``"benchmarks"`` mapping), else a one-line `FileNotFoundError` / `ValueError`."""
+    data = _load_results(results)
+    if data is not None and not isinstance(data.get("benchmarks"), Mapping):
+        where = f"results file {str(results)!r}" if not isinstance(results, Mapping) else "the results"
+        raise ValueError(f"{where} has no 'benchmarks' mapping; pass the JSON `hf-longclip evaluate --output` writes")
+    return data
+
+
+def check_push_inputs(repo_id: str, results: str | os.PathLike | Mapping | None = None) -> dict | None:
+    """What a push needs before anything touches the Hub: not offline, a valid repository id, readable results.
+
+    Raises:
+        `huggingface_hub.errors.OfflineModeIsEnabled` (a `ConnectionError`) when ``HF_HUB_OFFLINE`` is set,
+        `ValueError` for a malformed `repo_id` (``"namespace/name"`` or ``"name"``) or results that are not
+        `hf-longclip evaluate` output, `FileNotFoundError` for a missing results file.
+
+    Returns:
+        The loaded results (or None).
+    """
+    from huggingface_hub import constants
+    from huggingface_hub.utils import validate_repo_id
+
+    if constants.HF_HUB_OFFLINE:
+        raise OfflineModeIsEnabled(
+            "pushing needs the Hub, but offline mode is on (HF_HUB_OFFLINE=1); unset HF_HUB_OFFLINE to push"
+        )
+    if not isinstance(repo_id, str) or not repo_id:
+        raise ValueError(f"invalid repository id {repo_id!r}: expected 'namespace/name'")
+    try:
+        validate_repo_id(repo_id)
+    except ValueError as error:
+        raise ValueError(f"invalid repository id {repo_id!r}: {' '.join(str(error).split())}") from None
+    return check_results(results)
 
 
 def eval_results_from_json(results: str | os.PathLike | Mapping) -> list[EvalResult]:
@@ -284,8 +335,11 @@ def push_to_hub(
 ):
     """Upload model, processor, card and optional exports to `repo_id` in one commit.
 
-    The repository is created if missing (`private` applies then); a `revision` branch is created from the default
-    branch if missing. With `create_pr` the commit opens a pull request (against `revision` when given).
+    Every input is checked, and everything is written locally (model, processor, exports, the rendered card), before
+    the Hub is contacted (`check_push_inputs`: offline mode, the repository id, the results), so a bad input leaves
+    no empty repository behind. The repository is then created if missing (`private` applies then); a `revision`
+    branch is created from the default branch if missing. With `create_pr` the commit opens a pull request (against
+    `revision` when given).
 
     Args:
         model, processor: the variant model and its `LongCLIPProcessor`.
@@ -299,11 +353,14 @@ def push_to_hub(
 
     Returns:
         `huggingface_hub.CommitInfo` (``.oid``, ``.commit_url``, ``.pr_url``).
+
+    Raises:
+        What `check_push_inputs` raises, before anything is uploaded; the card's and the exports' own errors, also
+        before; `ConnectionError` naming the endpoint when the Hub cannot be reached; the Hub's HTTP errors
+        (`huggingface_hub.errors.HfHubHTTPError`, an `OSError`: authentication, permissions).
     """
-    api = HfApi(endpoint=endpoint, token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    if revision is not None and revision != "main":
-        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    results = check_push_inputs(repo_id, results)
+    variant = get_variant(model).title
     card_kwargs.setdefault("repo_id", repo_id)
     with tempfile.TemporaryDirectory(prefix="hf_longclip_push_") as folder:
         save_for_hub(
@@ -316,7 +373,6 @@ def push_to_hub(
             results=results,
             **card_kwargs,
         )
-        variant = get_variant(model).title
         # create_commit, not upload_folder: upload_folder may split a folder into several commits (its xet
         # pipeline) and refuses create_pr together with a revision.
         root = Path(folder)
@@ -325,18 +381,39 @@ def push_to_hub(
             for path in sorted(root.rglob("*"))
             if path.is_file()
         ]
-        return api.create_commit(
-            repo_id=repo_id,
-            operations=operations,
-            commit_message=commit_message or f"Upload {variant} model, processor and model card",
-            commit_description=commit_description,
-            revision=revision,
-            create_pr=create_pr,
-        )
+        api = HfApi(endpoint=endpoint, token=token)
+        with _hub_errors(api.endpoint):
+            api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+            if revision is not None and revision != "main":
+                api.create_branch(repo_id, branch=revision, exist_ok=True)
+            return api.create_commit(
+                repo_id=repo_id,
+                operations=operations,
+                commit_message=commit_message or f"Upload {variant} model, processor and model card",
+                commit_description=commit_description,
+                revision=revision,
+                create_pr=create_pr,
+            )
+
+
+@contextlib.contextmanager
+def _hub_errors(endpoint: str):
+    """Turn a transport failure of the HTTP client (no network, DNS, refused connection, timeout), which is neither
+    an `OSError` nor a `ValueError`, into a one-line `ConnectionError` naming the endpoint. The Hub's own answers
+    (`HfHubHTTPError`, an `OSError`) and argument errors pass through unchanged."""
+    try:
+        yield
+    except (OSError, ValueError, TypeError):
+        raise
+    except Exception as error:
+        message = " ".join(str(error).split()) or type(error).__name__
+        raise ConnectionError(f"cannot reach the Hub at {endpoint}: {type(error).__name__}: {message}") from error
 
 
 __all__ = [
     "DEFAULT_TEMPLATE_DIR",
+    "check_push_inputs",
+    "check_results",
     "eval_results_from_json",
     "evaluation_markdown",
     "push_to_hub",

@@ -255,7 +255,11 @@ def test_export_fixclip_clip_format_is_refused(clip_dir, tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------------------------- bad input
-def test_bad_inputs_exit_non_zero_with_one_line(clip_dir, stretched_dir, tmp_path, capsys):
+def test_bad_inputs_exit_non_zero_with_one_line(clip_dir, stretched_dir, tmp_path, capsys, monkeypatch):
+    import huggingface_hub.constants
+
+    # online, so that push reaches its model check (offline it stops before loading anything: tests/test_hub.py)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     bert = tmp_path / "bert"
     BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(bert)
     (tmp_path / "empty").mkdir()

@@ -359,36 +359,67 @@ def test_zeroshot_and_fgovd_report_unreadable_reasons(tmp_path, processor, longc
     assert split["num_boxes"] == 4 and split["skipped_boxes"] == 2
 
 
-def test_evaluation_decodes_images_like_the_reference(tmp_path, processor):
-    """Evaluation pixels equal the authors' ``Image.open(p).convert("RGB")`` preprocessing: no alpha compositing
-    on white and no EXIF rotation (which the training loader does apply)."""
+def test_evaluation_converts_images_like_training_but_does_not_rotate(tmp_path, processor):
+    """Evaluation converts every mode to RGB as training does (transparency on white, 16-bit grayscale scaled, not
+    clipped white) but skips EXIF rotation like the authors' evaluation code; a plain 8-bit RGB JPEG, what the
+    benchmarks hold, gives exactly the authors' ``Image.open(p).convert("RGB")``."""
     from hf_longclip.data.images import load_image
     from hf_longclip.evaluation.retrieval import ImageFiles
 
     rng = np.random.default_rng(0)
     rgba = rng.integers(0, 256, size=(30, 50, 4), dtype=np.uint8)
-    rgba[:, :25, 3] = 0  # fully transparent half, its colour channels still random
+    rgba[:, :25] = (255, 0, 0, 0)  # a fully transparent red half: white in training, red under a plain convert
     png = tmp_path / "rgba.png"
     Image.fromarray(rgba, "RGBA").save(png)
+    gray16 = tmp_path / "gray16.png"
+    Image.fromarray(np.full((30, 40), 32768, dtype=np.uint16)).save(gray16)  # mid grey in 16 bits
     photo = np.zeros((24, 64, 3), dtype=np.uint8)
     photo[:, :32] = (220, 20, 20)
     photo[:, 32:] = (20, 20, 220)
     exif = Image.Exif()
     exif[0x0112] = 6  # orientation: rotate 90 degrees when displayed
-    jpeg = tmp_path / "exif.jpg"
-    Image.fromarray(photo).save(jpeg, exif=exif, quality=95)
-    files = ImageFiles([png, jpeg], processor.image_processor)
-    for index, path in enumerate((png, jpeg)):
+    rotated = tmp_path / "exif.jpg"
+    Image.fromarray(photo).save(rotated, exif=exif, quality=95)
+    plain = tmp_path / "plain.jpg"
+    Image.fromarray(photo).save(plain, quality=95)
+    paths = [png, gray16, rotated, plain]
+    files = ImageFiles(paths, processor.image_processor)
+
+    def pixels_of(image):
+        return processor.image_processor(image, return_tensors="pt")["pixel_values"][0]
+
+    got = {}
+    for index, path in enumerate(paths):
         got_index, pixels, size = files[index]
         assert got_index == index and pixels is not None
-        with Image.open(path) as image:
-            reference_image = image.convert("RGB")
-        reference = processor.image_processor(reference_image, return_tensors="pt")["pixel_values"][0]
-        assert torch.equal(pixels, reference), path
-        assert size == reference_image.size  # FG-OVD boxes are mapped in the stored (unrotated) frame
-        # the training decoding differs on these files, so equality above is not a coincidence
-        training = processor.image_processor(load_image(path), return_tensors="pt")["pixel_values"][0]
-        assert not torch.equal(training, reference), path
+        got[path.name] = (pixels, size)
+    with Image.open(png) as image:
+        assert image.convert("RGB").getpixel((0, 0)) == (255, 0, 0)  # what the old plain convert gave
+    for path in (png, gray16):  # training's conversion, pixel for pixel
+        assert torch.equal(got[path.name][0], pixels_of(load_image(path))), path
+    decoded = load_image(png, reference_decode=True)
+    assert decoded.getpixel((0, 0)) == (255, 255, 255)
+    assert load_image(gray16, reference_decode=True).getpixel((0, 0)) == (128, 128, 128)  # not clipped to white
+    with Image.open(rotated) as image:
+        stored = image.convert("RGB")
+    assert torch.equal(got[rotated.name][0], pixels_of(stored))  # not rotated ...
+    assert got[rotated.name][1] == stored.size == (64, 24)  # ... so FG-OVD boxes map in the stored frame
+    assert not torch.equal(pixels_of(load_image(rotated)), pixels_of(stored))  # (training does rotate it)
+    with Image.open(plain) as image:
+        assert torch.equal(got[plain.name][0], pixels_of(image.convert("RGB")))
+
+
+def test_decompression_bomb_is_a_counted_skip(tmp_path, processor, longclip_model, monkeypatch):
+    """An image over PIL's decompression-bomb limit is skipped and counted as ``too_large``; the run goes on."""
+    root = make_benchmarks(tmp_path)
+    big = root / "Urban1k" / "image" / "2.jpg"
+    _image(big, "green", size=(400, 300))  # 120,000 pixels; the others have 1,280
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20_000)  # bombs are refused above twice this
+    report = evaluate(longclip_model, processor, "urban1k", root, settings=SETTINGS)
+    urban = report["benchmarks"]["urban1k"]
+    assert urban["num_images"] == 2 and urban["num_texts"] == 2
+    assert urban["unreadable_images"] == 1 and urban["unreadable_reasons"] == {"too_large": 1}
+    assert urban["unreadable_examples"][0].startswith(f"{big}: too_large: ")
 
 
 def test_fused_scoring_runs_on_finelip_and_is_refused_by_longclip(bench_root, processor, longclip_model):
@@ -506,7 +537,8 @@ def test_reference_decode_keeps_the_checks_and_copies(tmp_path):
     rgba = Image.fromarray(np.random.default_rng(1).integers(0, 256, size=(6, 5, 4), dtype=np.uint8), "RGBA")
     plain = load_image(rgba, reference_decode=True)
     assert plain is not rgba and plain.mode == "RGB"
-    assert np.array_equal(np.asarray(plain), np.asarray(rgba.convert("RGB")))
+    assert np.array_equal(np.asarray(plain), np.asarray(load_image(rgba)))  # training's alpha compositing
+    assert not np.array_equal(np.asarray(plain), np.asarray(rgba.convert("RGB")))
     rgb = rgba.convert("RGB")
     assert load_image(rgb, reference_decode=True) is not rgb  # a copy, never the caller's object
     thin = tmp_path / "thin.png"
@@ -519,3 +551,48 @@ def test_reference_decode_keeps_the_checks_and_copies(tmp_path):
     with pytest.raises(BadImageError) as error:
         load_image(big, max_image_pixels=64 * 64, reference_decode=True)
     assert error.value.reason == "too_large"
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.strip().splitlines() if line.strip() and "it/s]" not in line]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def test_cli_evaluate_refuses_a_bad_output_or_device_before_loading(bench_root, tmp_path, capsys, monkeypatch):
+    """A folder or an unwritable path as --output, or a device the machine lacks, is one `error:` line before the
+    model is loaded (so before any evaluation runs)."""
+    import hf_longclip.cli as cli
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(cli, "_load_model_and_processor", must_not_load)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    base = ["evaluate", "--model", str(tmp_path), "--benchmarks", "urban1k", "--data-root", str(bench_root), "--no-progress"]
+    for output, expected in ((tmp_path, "is a folder"), (blocker / "results.json", "is a file, not a folder")):
+        assert cli.main([*base, "--output", str(output), "--device", "cpu"]) == 1
+        line = _one_error_line(capsys)
+        assert "--output" in line and expected in line, line
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.main([*base, "--output", str(tmp_path / "r.json"), "--device", "cuda"]) == 1
+    line = _one_error_line(capsys)
+    assert "CUDA is not available" in line and "'cuda'" in line, line
+    assert cli.main([*base, "--output", str(tmp_path / "r.json"), "--device", "gpu0"]) == 1
+    assert "unknown device 'gpu0'" in _one_error_line(capsys)
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_python_evaluate_checks_output_and_device_first(bench_root, tmp_path, monkeypatch):
+    class Untouchable:
+        def __getattr__(self, name):
+            raise AssertionError(f"model.{name} was used")
+
+    with pytest.raises(ValueError, match="is a folder"):
+        evaluate(Untouchable(), None, "urban1k", bench_root, settings=SETTINGS, output=tmp_path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        EvalSettings(device="cuda:0")
+    assert EvalSettings(device="cpu").device == "cpu"

@@ -183,3 +183,96 @@ def test_cli_push(fake_hub, tmp_path, processor, longclip_model):
     assert repo.messages[head] == "cli push"
     card = ModelCard(repo.commits[head]["README.md"].decode())
     assert card.data.base_model == "openai/clip-vit-base-patch16"
+
+
+# ----------------------------------------------------------------------------------------------- bad pushes
+def _closed_port_endpoint() -> str:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}"  # nothing listens there any more
+
+
+@pytest.fixture
+def repo_creations(monkeypatch):
+    """Every `HfApi.create_repo` call (they still go through)."""
+    from huggingface_hub import HfApi
+
+    calls = []
+    original = HfApi.create_repo
+
+    def recorded(self, repo_id, *args, **kwargs):
+        calls.append(repo_id)
+        return original(self, repo_id, *args, **kwargs)
+
+    monkeypatch.setattr(HfApi, "create_repo", recorded)
+    return calls
+
+
+def test_push_checks_every_input_before_creating_the_repo(fake_hub, repo_creations, tmp_path, processor, longclip_model):
+    """A bad repository id, a missing / invalid results file or a card that cannot be rendered fails before the Hub
+    is contacted, so no empty repository is left behind."""
+    not_json = tmp_path / "not.json"
+    not_json.write_text("{oops")
+    no_benchmarks = tmp_path / "other.json"
+    no_benchmarks.write_text(json.dumps({"accuracy": 1}))
+    cases = [
+        (dict(repo_id="bad repo id!!"), ValueError, "invalid repository id"),
+        (dict(repo_id="me/x", results=tmp_path / "missing.json"), FileNotFoundError, "not found"),
+        (dict(repo_id="me/x", results=not_json), ValueError, "not valid JSON"),
+        (dict(repo_id="me/x", results=no_benchmarks), ValueError, "no 'benchmarks'"),
+        (dict(repo_id="me/x", template_dir=tmp_path / "no_templates"), FileNotFoundError, "template"),
+    ]
+    for kwargs, error, message in cases:
+        with pytest.raises(error, match=message):
+            push_to_hub(longclip_model, processor, endpoint=fake_hub.endpoint, **kwargs)
+    assert repo_creations == [] and fake_hub.repos == {} and fake_hub.requests == []
+
+
+def test_push_offline_and_without_network_fail_cleanly(monkeypatch, repo_creations, processor, longclip_model):
+    import huggingface_hub.constants as constants
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(OfflineModeIsEnabled, match="HF_HUB_OFFLINE"):
+        push_to_hub(longclip_model, processor, "me/x")
+    assert repo_creations == []
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    endpoint = _closed_port_endpoint()
+    with pytest.raises(ConnectionError, match=f"cannot reach the Hub at {endpoint}"):
+        push_to_hub(longclip_model, processor, "me/x", endpoint=endpoint)
+
+
+def test_cli_push_fails_in_one_line(monkeypatch, repo_creations, tmp_path, capsys, processor, longclip_model):
+    import huggingface_hub.constants as constants
+
+    import hf_longclip.cli as cli
+
+    folder = tmp_path / "model"
+    longclip_model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    loads = []
+    load = cli._load_model_and_processor
+    monkeypatch.setattr(cli, "_load_model_and_processor", lambda *a, **k: loads.append(a) or load(*a, **k))
+
+    def one_error_line() -> str:
+        err = capsys.readouterr().err
+        lines = [line for line in err.strip().splitlines() if line.strip() and "it/s]" not in line]
+        assert len(lines) == 1 and lines[0].startswith("error: "), err
+        return lines[0]
+
+    base = ["push", "--model", str(folder)]
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert cli.main([*base, "--repo-id", "me/x"]) == 1
+    assert "offline" in one_error_line()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    assert cli.main([*base, "--repo-id", "bad repo id!!"]) == 1
+    assert "invalid repository id 'bad repo id!!'" in one_error_line()
+    assert cli.main([*base, "--repo-id", "me/x", "--results", str(tmp_path / "missing.json")]) == 1
+    assert "missing.json' not found" in one_error_line()
+    assert loads == [] and repo_creations == []  # refused before the model was even loaded
+    endpoint = _closed_port_endpoint()
+    assert cli.main([*base, "--repo-id", "me/x", "--endpoint", endpoint]) == 1
+    assert f"cannot reach the Hub at {endpoint}" in one_error_line()

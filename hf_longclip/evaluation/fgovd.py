@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..models.modeling_longclip import check_pixel_values
 from .metrics import pairwise_accuracy
 from .readers import FGOVDSet
 from .retrieval import EvalSettings, autocast_context, encode_texts, image_batches, model_device, unreadable_summary
@@ -111,6 +112,7 @@ def evaluate_fgovd_split(model, processor, split: FGOVDSet, settings: EvalSettin
         failed.extend(item._replace(index=wanted[item.index]) for item in bad)  # local -> split image index
         if pixels is None:
             continue
+        check_pixel_values(pixels, values=True)  # on the CPU: no device synchronisation
         with autocast_context(device, settings.dtype):
             tokens = model.get_image_token_features(pixels.to(device))
         tokens = tokens[:, -(tokens.shape[1] - 1) :].float()  # drop CLS

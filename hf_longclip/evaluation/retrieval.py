@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from ..data.images import BAD_IMAGE_REASONS, BadImageError, load_image
 from ..features import concat_features
+from ..models.modeling_longclip import check_input_ids, check_pixel_values
 from .metrics import DEFAULT_KS, recall_at_k
 from .readers import RetrievalSet
 
@@ -36,7 +37,8 @@ class EvalSettings:
 
     Args:
         batch_size (`int`): images (and texts) per forward pass.
-        device (`str`, *optional*): ``"cuda"``, ``"cpu"``, ...; default: the model's device.
+        device (`str`, *optional*): ``"cuda"``, ``"cpu"``, ...; default: the model's device. A device this machine
+            does not have (``"cuda"`` without CUDA, ``"cuda:3"`` with two GPUs) is refused here, with a `ValueError`.
         dtype (`str`): ``"fp32"``, ``"fp16"`` or ``"bf16"``. fp16/bf16 run the forward passes under
             ``torch.autocast`` (weights stay as they are; scores are computed in fp32). fp16 needs a GPU.
         num_workers (`int`): image-decoding worker processes (torch ``DataLoader``).
@@ -56,6 +58,31 @@ class EvalSettings:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.device is not None:
+            check_device(self.device)
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """`device` as a `torch.device`, or a one-line `ValueError` when it is malformed or this machine lacks it (CUDA
+    not available, a GPU index past the last one, MPS / XPU not available)."""
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as error:
+        raise ValueError(f"unknown device {device!r} ({' '.join(str(error).split())})") from None
+    kind = resolved.type
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA support" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ValueError(f"device {str(device)!r} asked for, but CUDA is not available ({why}); use --device cpu")
+        count = torch.cuda.device_count()
+        if resolved.index is not None and resolved.index >= count:
+            raise ValueError(f"device {str(device)!r} asked for, but this machine has {count} CUDA device(s)")
+    elif kind not in ("cpu", "meta"):
+        backend = getattr(torch.backends, kind, None) or getattr(torch, kind, None)
+        available = getattr(backend, "is_available", None)
+        if callable(available) and not available():
+            raise ValueError(f"device {str(device)!r} asked for, but {kind} is not available on this machine")
+    return resolved
 
 
 def model_device(model: torch.nn.Module, settings: EvalSettings) -> torch.device:
@@ -103,8 +130,10 @@ class UnreadableImage(NamedTuple):
 
 class ImageFiles(torch.utils.data.Dataset):
     """Loads images with the training loader (`hf_longclip.data.images.load_image`) in its reference-decoding mode,
-    i.e. pixels exactly as ``Image.open(path).convert("RGB")`` gives them (no EXIF rotation, no alpha compositing,
-    no pixel limit beyond PIL's own bomb check), and runs the image processor.
+    i.e. with training's conversions to RGB (16-bit grayscale scaled to 8 bits, transparency composited on white)
+    but without EXIF rotation, as the authors' evaluation code (so 8-bit RGB JPEGs, what the benchmarks hold, give
+    exactly ``Image.open(path).convert("RGB")``), and no pixel limit beyond PIL's own decompression-bomb check (a
+    bomb is skipped and counted as ``too_large``); then runs the image processor.
 
     Items are ``(index, pixel_values, (width, height))``, or ``(index, None, UnreadableImage)`` for a file that
     cannot be used (its reason is counted later).
@@ -246,6 +275,7 @@ def encode_images(
         failed.extend(bad)
         if pixels is None:
             continue
+        check_pixel_values(pixels, values=True)  # on the CPU: no device synchronisation
         with autocast_context(device, settings.dtype):
             features = _image_features(model, pixels.to(device), scoring)
         chunks.append(features)
@@ -278,8 +308,18 @@ def encode_texts(
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     batches = [order[i : i + settings.batch_size] for i in range(0, len(order), settings.batch_size)]
     chunks = []
+    text_config = getattr(getattr(model, "config", None), "text_config", None)
     for batch in _progress(batches, len(batches), "texts", settings.progress):
         padded = tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, return_tensors="pt")
+        # On the CPU, before the batch moves: every row must hold the end-of-text token the text tower pools at.
+        check_input_ids(
+            padded["input_ids"],
+            padded["attention_mask"],
+            eos_token_id=getattr(text_config, "eos_token_id", None),
+            vocab_size=getattr(text_config, "vocab_size", None),
+            values=True,
+            row_names=[f"text {order_index}" for order_index in batch],
+        )
         with autocast_context(device, settings.dtype):
             chunks.append(
                 _text_features(model, padded["input_ids"].to(device), padded["attention_mask"].to(device), scoring)
@@ -362,6 +402,7 @@ __all__ = [
     "ImageFiles",
     "UnreadableImage",
     "autocast_context",
+    "check_device",
     "check_scoring",
     "encode_images",
     "encode_texts",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 from collections.abc import Sequence
@@ -31,6 +32,29 @@ def parse_benchmarks(spec: str | Sequence[str]) -> list[str]:
     return names
 
 
+def check_output_path(output: str | os.PathLike) -> Path:
+    """`output` as a `Path` if a results file can be written there, else a one-line `ValueError`: an existing folder,
+    an existing file that is not writable, a parent path that is a file, or a folder without write permission. Run
+    before any model work, so a long evaluation never ends in an unwritable path."""
+    path = Path(output)
+    if str(output).strip() == "":
+        raise ValueError("the results path is empty; give a file path such as results.json")
+    if path.is_dir():
+        raise ValueError(f"results path {str(output)!r} is a folder; give a file path such as {str(path / 'results.json')!r}")
+    if path.exists():
+        if not os.access(path, os.W_OK):
+            raise ValueError(f"results file {str(output)!r} exists and is not writable")
+        return path
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ValueError(f"cannot write results to {str(output)!r}: {str(ancestor)!r} is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write results to {str(output)!r}: no write permission in {str(ancestor)!r}")
+    return path
+
+
 def evaluate(
     model,
     processor,
@@ -46,7 +70,7 @@ def evaluate(
     """Evaluate `model` on `benchmarks` read from `data_root`; optionally write the results JSON to `output`.
 
     Every benchmark's layout is read (and checked) before any model work starts, so a missing folder fails fast with
-    the expected layout in the message.
+    the expected layout in the message; so is `output` (`check_output_path`: not a folder, writable).
 
     Returns:
         ``{"model", "scoring", "settings", "date", "benchmarks": {name: metrics}}``; retrieval metrics are
@@ -55,6 +79,8 @@ def evaluate(
     """
     settings = settings or EvalSettings()
     names = parse_benchmarks(benchmarks)
+    if output is not None:
+        output = check_output_path(output)
     check_scoring(model, scoring)
     data = {}
     for name in names:
@@ -94,4 +120,4 @@ def evaluate(
     return report
 
 
-__all__ = ["BENCHMARKS", "LONG_TEXT_BENCHMARKS", "evaluate", "parse_benchmarks"]
+__all__ = ["BENCHMARKS", "LONG_TEXT_BENCHMARKS", "check_output_path", "evaluate", "parse_benchmarks"]
