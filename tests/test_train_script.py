@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -270,6 +271,27 @@ def test_bad_samples_are_skipped_counted_and_reported(tmp_path):
     with pytest.raises(SystemExit, match=r"^error: bad sample at index 17 .*empty\.png.*: empty"):
         train(*strict)
     assert not (tmp_path / "strict" / "checkpoints").exists()
+
+
+def test_strict_stops_at_an_undecodable_image_with_the_same_line_with_and_without_workers(tmp_path):
+    """A corrupt file passes the start-up check (it exists and is not empty) and is found only when decoded, inside
+    a data worker with --num_workers 2: the command still ends in the one line it prints with --num_workers 0, not
+    torch's multi-line re-raise."""
+    table = _bad_data_set(tmp_path / "data")
+    rows = [json.loads(line) for line in Path(table).read_text().splitlines()]
+    keep = [row for row in rows if row["image"].startswith("good") and row["caption"]][:6]
+    keep.insert(3, next(row for row in rows if row["image"] == "corrupt.jpg"))
+    only_corrupt = tmp_path / "data" / "corrupt_only.jsonl"
+    only_corrupt.write_text("".join(json.dumps(row) + "\n" for row in keep))
+    messages = []
+    for workers in (0, 2):
+        flags = [*TINY, "--train_data", only_corrupt, "--output_dir", tmp_path / f"w{workers}", "--strict", "true",
+                 "--per_device_train_batch_size", 7, "--max_steps", 1, "--save_steps", 0, "--num_workers", workers]
+        with pytest.raises(SystemExit) as stop:
+            train(*flags)
+        messages.append(str(stop.value))
+    assert messages[0] == messages[1]
+    assert re.fullmatch(r"error: bad sample at index 3 \(image .*corrupt\.jpg\): corrupt[^\n]*", messages[0])
 
 
 def test_invalid_recipe_value_stops_before_any_work(tmp_path):
