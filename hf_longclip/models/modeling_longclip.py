@@ -117,6 +117,17 @@ def _named_rows(rows: torch.Tensor, row_names: Sequence[str] | None = None, noun
     return ", ".join(names) + (", ..." if rows.numel() > 5 else "")
 
 
+def _check_batch(tensor: Any, what: str, kind: str, shape: str, noun: str) -> None:
+    """A tensor with one dimension per name in `shape` and at least one row (a `TypeError` / `ValueError` naming
+    `what` otherwise)."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{what} must be a {kind}, got {type(tensor).__name__}")
+    if tensor.dim() != shape.count(",") + 1:
+        raise ValueError(f"{what} must have shape {shape}, got {tuple(tensor.shape)}")
+    if tensor.shape[0] == 0:
+        raise ValueError(f"{what} is an empty batch (0 {noun}s); pass at least one {noun}")
+
+
 def check_input_ids(
     input_ids: Any,
     attention_mask: torch.Tensor | None = None,
@@ -134,12 +145,7 @@ def check_input_ids(
     costs no device synchronisation): ids outside ``[0, vocab_size)`` and rows without the end-of-text token
     (`end_token_id`) inside their attention mask; without it every such caption is pooled at a wrong position.
     """
-    if not isinstance(input_ids, torch.Tensor):
-        raise TypeError(f"{what} must be a tensor of token ids, got {type(input_ids).__name__}")
-    if input_ids.dim() != 2:
-        raise ValueError(f"{what} must have shape (batch, seq_len), got {tuple(input_ids.shape)}")
-    if input_ids.shape[0] == 0:
-        raise ValueError(f"{what} is an empty batch (0 captions); pass at least one caption")
+    _check_batch(input_ids, what, "tensor of token ids", "(batch, seq_len)", "caption")
     if input_ids.shape[1] == 0:
         raise ValueError(f"{what} has 0 tokens per caption; captions need at least the start and end tokens")
     if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
@@ -181,12 +187,7 @@ def check_pixel_values(
     `num_channels`, an integer dtype (raw 0-255 pixels: the tower expects the image processor's rescaled, normalised
     floats); a `TypeError` for a non-tensor. With `values` (default: only on the CPU, no device synchronisation): NaN or infinite values.
     """
-    if not isinstance(pixel_values, torch.Tensor):
-        raise TypeError(f"{what} must be a tensor, got {type(pixel_values).__name__}")
-    if pixel_values.dim() != 4:
-        raise ValueError(f"{what} must have shape (batch, channels, height, width), got {tuple(pixel_values.shape)}")
-    if pixel_values.shape[0] == 0:
-        raise ValueError(f"{what} is an empty batch (0 images); pass at least one image")
+    _check_batch(pixel_values, what, "tensor", "(batch, channels, height, width)", "image")
     if num_channels is not None and pixel_values.shape[1] != num_channels:
         raise ValueError(f"{what} have {pixel_values.shape[1]} channels, but the image tower takes {num_channels}")
     if not pixel_values.is_floating_point():
