@@ -376,11 +376,19 @@ def _add_evaluate(subparsers) -> None:
     p = subparsers.add_parser(
         "evaluate",
         help="score a model on retrieval / FG-OVD / zero-shot benchmarks and write a JSON results file",
-        description="Benchmarks: " + ", ".join(BENCHMARKS) + " (or 'all'). Layouts under --data-root: docs/evaluation.md.",
+        description="Benchmarks: " + ", ".join(BENCHMARKS) + " (or 'all'), and hardneg:<file.jsonl> for an "
+        "attribute-binding hard-negative file. Layouts under --data-root: docs/evaluation.md.",
     )
     p.add_argument("--model", required=True, help="a saved model folder or a Hub id")
-    p.add_argument("--benchmarks", default="urban1k", help="comma-separated names, or 'all'")
-    p.add_argument("--data-root", required=True, help="folder holding the benchmarks in their documented layouts")
+    p.add_argument(
+        "--benchmarks", default="urban1k",
+        help="comma-separated names, or 'all'; hardneg:<file.jsonl> scores a hard-negative file (path as given, else "
+        "under --data-root)",
+    )
+    p.add_argument(
+        "--data-root", default=None,
+        help="folder holding the benchmarks in their documented layouts (not needed for hardneg: files alone)",
+    )
     p.add_argument("--output", default="eval_results.json", help="results JSON path")
     p.add_argument("--scoring", default="global", help="retrieval scoring mode of the model (global, fused, tci, ...)")
     p.add_argument("--batch-size", type=int, default=64)
@@ -398,13 +406,15 @@ def _add_evaluate(subparsers) -> None:
 def _run_evaluate(args) -> int:
     import torch
 
-    from .evaluation import BenchmarkLayoutError, EvalSettings, evaluate, parse_benchmarks
+    from .evaluation import BenchmarkLayoutError, EvalSettings, evaluate, needs_data_root, parse_benchmarks
     from .evaluation.runner import check_output_path
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("fp16" if device.startswith("cuda") else "fp32")
     try:  # everything checkable is checked before the model is loaded
         benchmarks = parse_benchmarks(args.benchmarks)
+        if args.data_root is None and needs_data_root(benchmarks):
+            raise ValueError("--data-root is required for " + ", ".join(b for b in benchmarks if needs_data_root([b])))
         settings = EvalSettings(
             batch_size=args.batch_size, device=device, dtype=dtype, num_workers=args.num_workers, progress=not args.no_progress
         )
@@ -424,7 +434,8 @@ def _run_evaluate(args) -> int:
     except (BenchmarkLayoutError, ValueError, TypeError, OSError) as error:  # OSError: writing the results file
         raise CommandError(_one_line(error)) from error
     for name, metrics in report["benchmarks"].items():
-        shown = {k: round(v, 2) for k, v in metrics.items() if isinstance(v, float) and ("R@" in k or "top" in k or "accuracy" in k)}
+        shown = {k: round(v, 2) for k, v in metrics.items()
+                 if isinstance(v, float) and ("R@" in k or "top" in k or "accuracy" in k or k in ("chance", "mean_rank"))}
         print(f"{name}: {json.dumps(shown)}")
     print(f"results written to {args.output}")
     return 0

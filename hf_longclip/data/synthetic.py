@@ -6,9 +6,11 @@ See docs/data.md (Generated scenes).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,6 +138,162 @@ def iter_scenes(num_scenes: int, seed: int = 0) -> Iterator[Scene]:
         yield random_scene(rng)
 
 
+def heldout_seed(seed: int) -> int:
+    """The scene seed of the held-out (eval) split of a data set generated with `seed` (train scenes use `seed`)."""
+    return seed + 1_000_003
+
+
+# ----------------------------------------------------------------------------------------------- caption parsing
+_SUMMARY = re.compile(r"The image shows (\w+) shapes on a (\w+) background")
+_OBJECT = re.compile(r"There is a (\w+) (\w+) (\w+) in (the [a-z ]+) of the image")
+_COUNT_VALUES = {word: count for count, word in _COUNTS.items()}
+_CELLS = {phrase: cell for cell, phrase in POSITIONS.items()}
+
+
+def parse_caption(caption: str) -> Scene:
+    """The scene a caption of `Scene.caption` describes (its exact inverse).
+
+    Raises:
+        `ValueError`: `caption` is not in the generator's format (a word outside its vocabulary, a wrong count, a
+        relation sentence that does not follow from the objects' cells, ...).
+    """
+    if not caption.endswith("."):
+        raise ValueError(f"not a scene caption (no final full stop): {caption[:80]!r}")
+    sentences = caption[:-1].split(". ")
+    summary = _SUMMARY.fullmatch(sentences[0])
+    if summary is None or summary.group(1) not in _COUNT_VALUES or summary.group(2) not in BACKGROUNDS:
+        raise ValueError(f"not a scene summary sentence: {sentences[0]!r}")
+    count = _COUNT_VALUES[summary.group(1)]
+    if len(sentences) != count + 2:
+        raise ValueError(f"the summary announces {count} shapes, but the caption has {len(sentences) - 2} shape sentences")
+    objects = []
+    for sentence in sentences[1 : count + 1]:
+        match = _OBJECT.fullmatch(sentence)
+        if (
+            match is None
+            or match.group(1) not in SIZES
+            or match.group(2) not in COLORS
+            or match.group(3) not in SHAPES
+            or match.group(4) not in _CELLS
+        ):
+            raise ValueError(f"not a scene shape sentence: {sentence!r}")
+        size, color, shape, where = match.groups()
+        objects.append(SceneObject(shape, color, size, _CELLS[where]))
+    scene = Scene(summary.group(2), tuple(objects))
+    if len({obj.cell for obj in objects}) != len(objects):
+        raise ValueError(f"two shapes share a cell in {caption[:80]!r}")
+    if scene.caption() != caption:  # the relation sentence (or spacing) is not what the generator writes
+        raise ValueError(f"the relation sentence does not match the shapes: {sentences[-1]!r}")
+    return scene
+
+
+# ----------------------------------------------------------------------------------------------- hard negatives
+#: What a hard negative of `hard_negative_captions` changes: one attribute of one shape (``colour``, ``shape``,
+#: ``size``, ``position``), or ``swap``: one attribute exchanged between two shapes (binding).
+NEGATIVE_TYPES: tuple[str, ...] = ("colour", "shape", "size", "position", "swap")
+_SWAP_ATTRIBUTES = ("color", "shape", "size")  # tried in this order: colour binding first
+
+
+def _with_object(scene: Scene, index: int, **changes) -> Scene:
+    objects = list(scene.objects)
+    objects[index] = dataclasses.replace(objects[index], **changes)
+    return Scene(scene.background, tuple(objects))
+
+
+def hard_negative_scenes(scene: Scene, rng: random.Random) -> list[tuple[Scene, str]]:
+    """Scenes that differ from `scene` in exactly one attribute of one shape, one per `NEGATIVE_TYPES` entry:
+    ``colour`` / ``shape`` / ``size`` of a random shape changed to another value, ``position``: a random shape moved
+    to an empty cell, ``swap`` (scenes with >= 2 shapes): the colours of two shapes of different colours exchanged
+    (shapes, then sizes, when every shape has the same colour; left out when no two shapes differ in any of them).
+
+    Returns:
+        `[(negative scene, type), ...]` in `NEGATIVE_TYPES` order; shapes keep their order in the caption.
+    """
+    objects = scene.objects
+    out: list[tuple[Scene, str]] = []
+    i = rng.randrange(len(objects))
+    out.append((_with_object(scene, i, color=rng.choice([c for c in sorted(COLORS) if c != objects[i].color])), "colour"))
+    i = rng.randrange(len(objects))
+    out.append((_with_object(scene, i, shape=rng.choice([s for s in SHAPES if s != objects[i].shape])), "shape"))
+    i = rng.randrange(len(objects))
+    out.append((_with_object(scene, i, size=rng.choice([s for s in SIZES if s != objects[i].size])), "size"))
+    empty = [cell for cell in sorted(POSITIONS) if cell not in {obj.cell for obj in objects}]
+    if empty:
+        i = rng.randrange(len(objects))
+        out.append((_with_object(scene, i, cell=rng.choice(empty)), "position"))
+    for attribute in _SWAP_ATTRIBUTES:
+        pairs = [
+            (a, b)
+            for a in range(len(objects))
+            for b in range(a + 1, len(objects))
+            if getattr(objects[a], attribute) != getattr(objects[b], attribute)
+        ]
+        if pairs:
+            a, b = rng.choice(pairs)
+            swapped = _with_object(scene, a, **{attribute: getattr(objects[b], attribute)})
+            out.append((_with_object(swapped, b, **{attribute: getattr(objects[a], attribute)}), "swap"))
+            break
+    return out
+
+
+def hard_negative_records(num_scenes: int, seed: int = 0, split: str = "eval") -> list[dict]:
+    """Attribute-binding records of the `split` scenes of a data set generated with `seed` (the held-out split by
+    default: the same scenes, in the same order, as `write_synthetic_dataset`'s ``eval.jsonl``).
+
+    Returns:
+        ``{"image": "images/<split>_NNNNN.png", "caption", "negatives", "negative_types", "id"}`` per scene, the
+        format `hf_longclip.evaluation.read_hard_negatives` reads. Deterministic given `seed`.
+    """
+    if split not in ("train", "eval"):
+        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    scene_seed = heldout_seed(seed) if split == "eval" else seed
+    rng = random.Random(scene_seed * 31 + 7)  # the negatives' own stream: the scenes stay those of the split
+    records = []
+    for i, scene in enumerate(iter_scenes(num_scenes, scene_seed)):
+        negatives = hard_negative_scenes(scene, rng)
+        records.append(
+            {
+                "image": f"images/{split}_{i:05d}.png",
+                "caption": scene.caption(),
+                "negatives": [negative.caption() for negative, _ in negatives],
+                "negative_types": [kind for _, kind in negatives],
+                "id": f"{split}-{i}",
+            }
+        )
+    return records
+
+
+def write_hard_negative_dataset(
+    folder: str | os.PathLike,
+    num_scenes: int = 200,
+    seed: int = 0,
+    image_size: int = 64,
+    split: str = "eval",
+    file_name: str = "hard_negatives.jsonl",
+    render_images: bool = True,
+) -> Path:
+    """Write the attribute-binding hard negatives of a generated split: ``<folder>/hard_negatives.jsonl`` (one
+    `hard_negative_records` record per line, image paths relative to `folder`) and, with `render_images`, the
+    images ``<folder>/images/<split>_NNNNN.png`` (the same files `write_synthetic_dataset` writes for that split).
+
+    Returns:
+        The path of the JSONL file.
+    """
+    root = Path(folder)
+    records = hard_negative_records(num_scenes, seed, split)
+    if render_images:
+        (root / "images").mkdir(parents=True, exist_ok=True)
+        scene_seed = heldout_seed(seed) if split == "eval" else seed
+        for record, scene in zip(records, iter_scenes(num_scenes, scene_seed)):
+            scene.render(image_size).save(root / record["image"])
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / file_name
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(record) + "\n" for record in records))
+    os.replace(tmp, path)
+    return path
+
+
 def synthetic_records(num_scenes: int, seed: int = 0, image_size: int = 64) -> list[dict]:
     """In-memory examples ``{"image": PIL.Image, "caption", "short_caption", "id"}``."""
     return [
@@ -158,12 +316,15 @@ def write_synthetic_dataset(
     to ``folder``). Train and eval scenes come from different seeds, so evaluation is on held-out scenes. An existing
     complete data set with the same settings is reused (a ``meta.json`` records them).
 
+    The held-out scenes also get attribute-binding hard negatives, ``hard_negatives.jsonl``
+    (`write_hard_negative_dataset`; empty when `num_eval` is 0).
+
     Returns:
-        ``{"train": path of train.jsonl, "eval": path of eval.jsonl}``.
+        ``{"train": path of train.jsonl, "eval": path of eval.jsonl, "hard_negatives": path of hard_negatives.jsonl}``.
     """
     root = Path(folder)
-    meta = {"num_train": num_train, "num_eval": num_eval, "seed": seed, "image_size": image_size, "version": 1}
-    paths = {"train": root / "train.jsonl", "eval": root / "eval.jsonl"}
+    meta = {"num_train": num_train, "num_eval": num_eval, "seed": seed, "image_size": image_size, "version": 2}
+    paths = {"train": root / "train.jsonl", "eval": root / "eval.jsonl", "hard_negatives": root / "hard_negatives.jsonl"}
     meta_path = root / "meta.json"
     if meta_path.exists() and all(p.exists() for p in paths.values()):
         try:
@@ -173,7 +334,7 @@ def write_synthetic_dataset(
             pass
     (root / "images").mkdir(parents=True, exist_ok=True)
     # Held-out scenes use a seed derived from, but different to, the training seed.
-    for split, count, split_seed in (("train", num_train, seed), ("eval", num_eval, seed + 1_000_003)):
+    for split, count, split_seed in (("train", num_train, seed), ("eval", num_eval, heldout_seed(seed))):
         lines = []
         for i, scene in enumerate(iter_scenes(count, split_seed)):
             rel = f"images/{split}_{i:05d}.png"
@@ -183,20 +344,27 @@ def write_synthetic_dataset(
         tmp = paths[split].with_suffix(".jsonl.tmp")
         tmp.write_text("\n".join(lines) + ("\n" if lines else ""))
         os.replace(tmp, paths[split])
+    write_hard_negative_dataset(root, num_eval, seed, image_size, render_images=False)  # the eval images are written
     meta_path.write_text(json.dumps(meta))
     return paths
 
 
 __all__ = [
     "COLORS",
+    "NEGATIVE_TYPES",
     "POSITIONS",
     "SHAPES",
     "SIZES",
     "SYNTHETIC_WORDS",
     "Scene",
     "SceneObject",
+    "hard_negative_records",
+    "hard_negative_scenes",
+    "heldout_seed",
     "iter_scenes",
+    "parse_caption",
     "random_scene",
     "synthetic_records",
+    "write_hard_negative_dataset",
     "write_synthetic_dataset",
 ]

@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .fgovd import evaluate_fgovd
+from .hard_negatives import HARD_NEGATIVE_PREFIX, evaluate_hard_negatives, read_hard_negatives, resolve_hard_negative_path
 from .readers import RETRIEVAL_READERS, read_fgovd, read_zeroshot
 from .retrieval import EvalSettings, check_scoring, evaluate_retrieval
 from .zeroshot import evaluate_zeroshot
@@ -22,14 +23,34 @@ LONG_TEXT_BENCHMARKS = ("urban1k", "dci", "sharegpt4v-1k", "docci")
 
 
 def parse_benchmarks(spec: str | Sequence[str]) -> list[str]:
-    """`"urban1k,coco"` or a list -> validated names (``"all"`` = every benchmark)."""
-    names = [n.strip().lower() for n in (spec.split(",") if isinstance(spec, str) else spec) if n.strip()]
-    if names == ["all"]:
-        return list(BENCHMARKS)
-    unknown = [n for n in names if n not in BENCHMARKS]
+    """`"urban1k,coco"` or a list -> validated names (``"all"`` = every benchmark).
+
+    ``hardneg:<path.jsonl>`` adds a hard-negative file (`evaluate_hard_negatives`); its path keeps its case and may not
+    contain a comma. It may follow ``all`` (``"all,hardneg:x.jsonl"``).
+    """
+    names = []
+    for raw in spec.split(",") if isinstance(spec, str) else spec:
+        raw = raw.strip()
+        if raw.lower().startswith(HARD_NEGATIVE_PREFIX):
+            path = raw[len(HARD_NEGATIVE_PREFIX) :].strip()
+            if not path:
+                raise ValueError(f"benchmark {raw!r} names no file; write {HARD_NEGATIVE_PREFIX}<path.jsonl>")
+            names.append(HARD_NEGATIVE_PREFIX + path)
+        elif raw:
+            names.append(raw.lower())
+    if "all" in names:
+        names = [*BENCHMARKS, *(n for n in names if n != "all" and n not in BENCHMARKS)]
+    unknown = [n for n in names if n not in BENCHMARKS and not n.startswith(HARD_NEGATIVE_PREFIX)]
     if unknown:
-        raise ValueError(f"unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)}")
-    return names
+        raise ValueError(
+            f"unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)} or {HARD_NEGATIVE_PREFIX}<path.jsonl>"
+        )
+    return list(dict.fromkeys(names))
+
+
+def needs_data_root(names: Sequence[str]) -> bool:
+    """Whether any of the (parsed) benchmark names is read from ``--data-root`` (a ``hardneg:`` file is not)."""
+    return any(not name.startswith(HARD_NEGATIVE_PREFIX) for name in names)
 
 
 def check_output_path(output: str | os.PathLike) -> Path:
@@ -59,7 +80,7 @@ def evaluate(
     model,
     processor,
     benchmarks: str | Sequence[str],
-    data_root: str | Path,
+    data_root: str | Path | None,
     scoring: str = "global",
     settings: EvalSettings | None = None,
     fgovd_splits: Sequence[str] | None = None,
@@ -70,21 +91,27 @@ def evaluate(
     """Evaluate `model` on `benchmarks` read from `data_root`; optionally write the results JSON to `output`.
 
     Every benchmark's layout is read (and checked) before any model work starts, so a missing folder fails fast with
-    the expected layout in the message; so is `output` (`check_output_path`: not a folder, writable).
+    the expected layout in the message; so is `output` (`check_output_path`: not a folder, writable). `data_root`
+    may be None when every benchmark is a ``hardneg:<path>`` file.
 
     Returns:
         ``{"model", "scoring", "settings", "date", "benchmarks": {name: metrics}}``; retrieval metrics are
         `t2i_R@k` / `i2t_R@k` in percent, FG-OVD ``{"splits": {split: {"accuracy", ...}}, "mean_accuracy"}``,
-        zero-shot `top1` / `top5`.
+        zero-shot `top1` / `top5`, hard negatives (``hardneg:<path>``) `accuracy`, `mean_rank`, `chance`,
+        `per_type` (see `hard_negative_accuracy`).
     """
     settings = settings or EvalSettings()
     names = parse_benchmarks(benchmarks)
+    if data_root is None and needs_data_root(names):
+        raise ValueError("a data root is needed for " + ", ".join(n for n in names if not n.startswith(HARD_NEGATIVE_PREFIX)))
     if output is not None:
         output = check_output_path(output)
     check_scoring(model, scoring)
     data = {}
     for name in names:
-        if name in RETRIEVAL_READERS:
+        if name.startswith(HARD_NEGATIVE_PREFIX):
+            data[name] = read_hard_negatives(resolve_hard_negative_path(name, data_root), name=name)
+        elif name in RETRIEVAL_READERS:
             data[name] = RETRIEVAL_READERS[name](data_root)
         elif name == "fgovd":
             data[name] = read_fgovd(data_root, fgovd_splits)
@@ -93,7 +120,9 @@ def evaluate(
     results = {}
     for name in names:
         start = time.perf_counter()
-        if name in RETRIEVAL_READERS:
+        if name.startswith(HARD_NEGATIVE_PREFIX):
+            results[name] = evaluate_hard_negatives(model, processor, data[name], scoring, settings)
+        elif name in RETRIEVAL_READERS:
             results[name] = evaluate_retrieval(model, processor, data[name], scoring, settings)
         elif name == "fgovd":
             results[name] = evaluate_fgovd(model, processor, data[name], settings)
@@ -120,4 +149,4 @@ def evaluate(
     return report
 
 
-__all__ = ["BENCHMARKS", "LONG_TEXT_BENCHMARKS", "check_output_path", "evaluate", "parse_benchmarks"]
+__all__ = ["BENCHMARKS", "LONG_TEXT_BENCHMARKS", "check_output_path", "evaluate", "needs_data_root", "parse_benchmarks"]

@@ -31,7 +31,9 @@ class MulCLIPConfig(LongCLIPConfig):
             the default (Long-CLIP's code uses 0.1).
         calibration_visual_tokens (`int`, *optional*):
             Calibrated visual tokens ``N_v`` produced from the patch tokens. UNKNOWN; when None,
-            ``max(1, int(num_patches * calibration_token_ratio))`` (39 for ViT-B/16 at 224 px, FineLIP's value).
+            ``int(num_patches * calibration_token_ratio)`` (39 for ViT-B/16 at 224 px, FineLIP's value), but at least
+            2 when the image has 2 patches or more: ``L_word`` is a token-level InfoNCE over the ``N_v`` tokens,
+            identically 0 for one token (see `word_loss_problem`).
         calibration_text_tokens (`int`, *optional*):
             Calibrated text tokens ``N_t`` produced from the word tokens. UNKNOWN; when None, equal to the visual
             count (FineLIP uses one size for both aggregators).
@@ -120,10 +122,40 @@ class MulCLIPConfig(LongCLIPConfig):
 
     @property
     def visual_calibration_size(self) -> int:
-        """Calibrated visual tokens the model produces (``calibration_visual_tokens`` or the ratio default)."""
+        """Calibrated visual tokens the model produces (``calibration_visual_tokens`` or the ratio default, at least
+        2 where the image has 2 patches, so that ``L_word`` has a token to contrast with)."""
         if self.calibration_visual_tokens is not None:
             return self.calibration_visual_tokens
-        return max(1, int(self.num_patches * self.calibration_token_ratio))
+        return max(min(2, self.num_patches), int(self.num_patches * self.calibration_token_ratio))
+
+    def word_loss_problem(self) -> str | None:
+        """Why ``L_word`` cannot train with this configuration (a message naming the fields to change), or None.
+
+        Each term of ``L_word`` is a token-level InfoNCE among a sample's calibrated tokens: with one visual
+        (text) token the image (text) term is exactly 0; with one image patch every calibrated visual token is that
+        patch, so both terms are constant. Either way the loss gives the heads no gradient.
+        """
+        if not self.word_loss_weight:
+            return None
+        if self.num_patches < 2:
+            return (
+                f"the image tower sees a single patch (vision_config.image_size {self.vision_config.image_size}, "
+                f"patch_size {self.vision_config.patch_size}), so every calibrated visual token is that patch and "
+                "L_word is constant; use a smaller vision_config.patch_size or set word_loss_weight=0"
+            )
+        single = [
+            f"{name} resolves to 1"
+            for name, size in (("calibration_visual_tokens", self.visual_calibration_size),
+                               ("calibration_text_tokens", self.text_calibration_size))
+            if size < 2
+        ]
+        if single:
+            return (
+                f"{' and '.join(single)}: a token-level InfoNCE over one token is exactly 0, so L_word cannot train; "
+                "set calibration_visual_tokens / calibration_text_tokens >= 2 (or leave them None), or "
+                "word_loss_weight=0"
+            )
+        return None
 
     @property
     def text_calibration_size(self) -> int:

@@ -182,6 +182,10 @@ class BetaCLIPModel(LongCLIPModel):
     _no_split_modules = [*(getattr(LongCLIPModel, "_no_split_modules", None) or []), "TextConditionedPooler"]
     head_modules: ClassVar[tuple[str, ...]] = ("text_conditioned_pooler",)
     retrieval_scorings: ClassVar[tuple[str, ...]] = ("global", "tci")
+    # beta-CAL and its own global term replace every Long-CLIP loss setting
+    unused_config_fields: ClassVar[frozenset[str]] = frozenset(
+        {"long_loss_weight", "short_loss_weight", "pca_components", "pca_scope", "label_smoothing"}
+    )
 
     def __init__(self, config: BetaCLIPConfig):
         super().__init__(config)

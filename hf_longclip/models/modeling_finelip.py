@@ -92,6 +92,10 @@ class FineLIPModel(LongCLIPModel):
     _no_split_modules = [*(getattr(LongCLIPModel, "_no_split_modules", None) or []), "TokenAggregation"]
     head_modules: ClassVar[tuple[str, ...]] = ("image_aggregation", "text_aggregation")
     retrieval_scorings: ClassVar[tuple[str, ...]] = ("global", "fused", "clim")
+    # the hinge loss and the optional global term have their own weights; no short caption, no PCA
+    unused_config_fields: ClassVar[frozenset[str]] = frozenset(
+        {"long_loss_weight", "short_loss_weight", "pca_components", "pca_scope"}
+    )
 
     def __init__(self, config: FineLIPConfig):
         super().__init__(config)

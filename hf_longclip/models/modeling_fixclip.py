@@ -247,6 +247,8 @@ class FixCLIPModel(LongCLIPModel):
         "short_logit_scale",
         "group_logit_scale",
     )
+    # the short caption is matched against the masked image, not a PCA reconstruction
+    unused_config_fields: ClassVar[frozenset[str]] = frozenset({"pca_components", "pca_scope"})
 
     def __init__(self, config: FixCLIPConfig):
         super().__init__(config)

@@ -466,6 +466,10 @@ class LongCLIPModel(CLIPModel):
     ddp_find_unused_parameters: ClassVar[bool] = False
     #: Scoring modes of the retrieval interface; variants with fine-grained scores add theirs.
     retrieval_scorings: ClassVar[tuple[str, ...]] = ("global",)
+    #: Config fields inherited from `LongCLIPConfig` that this variant's loss never reads (e.g. ``pca_components``,
+    #: which only Long-CLIP's short-caption PCA term uses). The trainer refuses them for this variant and drops them
+    #: from a recipe written for another variant (docs/training.md, Recipe keys per variant).
+    unused_config_fields: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, config: LongCLIPConfig):
         super().__init__(config)
@@ -803,6 +807,11 @@ class LongCLIPModel(CLIPModel):
         """Config fields a caller may set through `from_clip` (everything but the towers and the stretch)."""
         own = set(cls.config_class.__dataclass_fields__) - set(PreTrainedConfig.__dataclass_fields__)
         return frozenset(own - {"text_config", "vision_config", "projection_dim", *STRETCH_FIELDS})
+
+    @classmethod
+    def config_fields_in_use(cls) -> frozenset[str]:
+        """`variant_config_fields` that this variant reads (all but `unused_config_fields`)."""
+        return cls.variant_config_fields() - cls.unused_config_fields
 
     @classmethod
     def config_from_clip(cls, clip_config: PreTrainedConfig, **fields) -> LongCLIPConfig:

@@ -3,6 +3,7 @@ subcaption-level alignment. See docs/mulclip.md."""
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -86,9 +87,14 @@ class MulCLIPModel(LongCLIPModel):
     config: MulCLIPConfig
     _no_split_modules = [*(getattr(LongCLIPModel, "_no_split_modules", None) or []), "TokenAggregation"]
     head_modules: ClassVar[tuple[str, ...]] = ("visual_calibration", "text_calibration")
+    # the summary term uses the CLS embedding itself: no PCA
+    unused_config_fields: ClassVar[frozenset[str]] = frozenset({"pca_components", "pca_scope"})
 
     def __init__(self, config: MulCLIPConfig):
         super().__init__(config)
+        problem = config.word_loss_problem()
+        if problem:  # built, loaded or from_clip: say so once, where the configuration is chosen
+            warnings.warn(f"MulCLIP word-level loss: {problem}", UserWarning, stacklevel=2)
         dim = config.projection_dim
         self.visual_calibration = TokenAggregation(dim, config.visual_calibration_size, config.calibration_hidden_ratio)
         self.text_calibration = TokenAggregation(dim, config.text_calibration_size, config.calibration_hidden_ratio)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from dataclasses import asdict, dataclass, field, fields
@@ -22,8 +23,28 @@ import yaml
 from ..resources import available_recipes, resolve_recipe
 from ..variants import TRAIN_TRANSFORMS, VARIANTS, get_variant
 
+logger = logging.getLogger(__name__)
+
 #: `--base` value that builds a small random CLIP from config (quickstart, tests, offline demos).
 TINY_BASE = "tiny-random"
+
+
+def variants_reading(field_name: str) -> list[str]:
+    """The registered variants whose model reads config field `field_name` (`config_fields_in_use`)."""
+    return [name for name, v in VARIANTS.items() if field_name in v.model_class.config_fields_in_use()]
+
+
+def check_model_config_for_variant(variant: str, overrides: dict[str, Any]) -> None:
+    """Refuse `model_config` fields that `variant` has (inherited from Long-CLIP's config) but never reads, e.g.
+    ``pca_components`` (only Long-CLIP's short-caption PCA term uses it): a `ValueError` naming each field and the
+    variants that read it."""
+    unused = sorted(set(overrides) & get_variant(variant).model_class.unused_config_fields)
+    if unused:
+        owners = "; ".join(f"{name}: {', '.join(variants_reading(name)) or 'no variant'}" for name in unused)
+        raise ValueError(
+            f"model_config {unused} {'is' if len(unused) == 1 else 'are'} not used by {variant} (inherited config "
+            f"field(s) its loss never reads); the variants that read them: {owners}. Leave them out for {variant}"
+        )
 
 
 @dataclass
@@ -73,7 +94,7 @@ class ModelArguments:
     def __post_init__(self):
         get_variant(self.variant)  # a ValueError listing the registered variants
         self.gradient_checkpointing = _checkpointing_towers(self.gradient_checkpointing)
-        self.model_config_overrides()
+        check_model_config_for_variant(self.variant, self.model_config_overrides())
         for name in ("tiny_hidden_size", "tiny_num_layers", "tiny_num_heads", "tiny_projection_dim", "tiny_image_size",
                      "tiny_patch_size"):
             _positive(name, getattr(self, name))
@@ -475,15 +496,39 @@ def parse_training_arguments(
     known, _ = pre.parse_known_args(argv)
     parser = build_argument_parser(show_defaults=False)
     settings: dict[str, Any] = {}
+    command_line = _given(parser, argv, "the command line")
     if known.config:
         recipe = load_recipe(known.config)
         tokens = [token for key, value in recipe.items() for token in _as_flags(key, value)]
         settings.update(_given(parser, tokens, f"recipe {known.config}"))
-    settings.update(_given(parser, argv, "the command line"))
+        if "model_config" not in command_line:
+            _fit_recipe_model_config(settings, command_line.get("variant"), known.config)
+    settings.update(command_line)
     owner = _field_names()
     return tuple(  # type: ignore[return-value]
         cls(**{key: value for key, value in settings.items() if owner[key] is cls}) for cls in ARGUMENT_CLASSES
     )
+
+
+def _fit_recipe_model_config(recipe: dict[str, Any], variant: str | None, where: str) -> None:
+    """A recipe's ``model_config`` is written for the recipe's ``variant``: when the command line trains another
+    variant, keep only the fields that variant reads (`config_fields_in_use`) and drop the rest with a warning (the
+    quickstart recipe's Long-CLIP ``pca_components`` under ``--variant finelip``, say)."""
+    written_for = recipe.get("variant")
+    if variant is None or written_for is None or variant == written_for or not recipe.get("model_config"):
+        return
+    fields = _json_object("model_config", recipe["model_config"])
+    in_use = get_variant(variant).model_class.config_fields_in_use()
+    dropped = sorted(set(fields) - in_use)
+    if dropped:
+        logger.warning(
+            "recipe %s: model_config %s %s for %s, which %s does not read; not applied (kept: %s)",
+            where, dropped, "is" if len(dropped) == 1 else "are", written_for, variant,
+            sorted(set(fields) & in_use) or "none",
+        )
+    recipe["model_config"] = json.dumps({k: v for k, v in fields.items() if k in in_use}) if set(fields) & in_use else None
+    if recipe["model_config"] is None:
+        del recipe["model_config"]
 
 
 def _as_flags(key: str, value: Any) -> list[str]:
@@ -506,6 +551,8 @@ def arguments_to_dict(*groups) -> dict[str, Any]:
 
 __all__ = [
     "ALIASES",
+    "check_model_config_for_variant",
+    "variants_reading",
     "ARGUMENT_CLASSES",
     "PRECISION_FLAGS",
     "build_argument_parser",

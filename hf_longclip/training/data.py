@@ -36,7 +36,11 @@ def synthetic_paths(data_args: DataArguments, output_dir: str | os.PathLike) -> 
 
 
 def training_records(data_args: DataArguments, output_dir: str | os.PathLike):
-    """The training records: a list of dicts, a `datasets.Dataset` or a `datasets.IterableDataset`."""
+    """The training records: a list of dicts, a `datasets.Dataset` or a `datasets.IterableDataset`.
+
+    A ShareGPT4V file loses its first ``holdout`` entries (the papers' 1k evaluation set); that split is logged
+    (`log_sharegpt4v_holdout`).
+    """
     if data_args.data_format == "synthetic" or (data_args.data_format == "auto" and data_args.train_data == "synthetic"):
         path, fmt = str(synthetic_paths(data_args, output_dir)["train"]), "jsonl"
         image_root = None
@@ -44,6 +48,13 @@ def training_records(data_args: DataArguments, output_dir: str | os.PathLike):
         return _head(docci_records(data_args.train_data, "train"), data_args.max_train_samples)
     else:
         path, fmt, image_root = data_args.train_data, data_args.data_format, data_args.image_root
+    if _source_kind(path, fmt) == "sharegpt4v":
+        from ..data.sources import read_sharegpt4v
+
+        # read whole, then split here: the log needs the file's size, which the train split alone does not give
+        everything = read_sharegpt4v(path, image_root, split="all")
+        log_sharegpt4v_holdout(path, data_args.holdout, len(everything))
+        return _head(everything[data_args.holdout :], data_args.max_train_samples)
     spec = TrainingSourceSpec(
         path=path,
         format=fmt,
@@ -56,6 +67,20 @@ def training_records(data_args: DataArguments, output_dir: str | os.PathLike):
         short_caption_column=data_args.short_caption_column,
     )
     return _head(open_training_source(spec), data_args.max_train_samples)
+
+
+def log_sharegpt4v_holdout(path: str | os.PathLike, holdout: int, total: int) -> None:
+    """Log how a ShareGPT4V file is split by ``--holdout`` (INFO), and WARN when the held-out head is a quarter of the
+    file or more (a small or subsampled file, where the 1000-entry default leaves little to train on)."""
+    held = min(holdout, total)
+    logger.info(
+        "ShareGPT4V: %d of %d records held out for evaluation (--holdout), %d train (%s)", held, total, total - held, path
+    )
+    if total and held * 4 >= total:
+        logger.warning(
+            "ShareGPT4V: the held-out head (--holdout %d) is %.0f%% of %s; lower --holdout for a small file "
+            "(--holdout 0 trains on every record)", holdout, 100.0 * held / total, path,
+        )
 
 
 def docci_records(data_root: str | os.PathLike, split: str) -> list[dict[str, Any]]:
@@ -139,6 +164,23 @@ def eval_records(data_args: DataArguments, output_dir: str | os.PathLike) -> lis
     return records
 
 
+def synthetic_hard_negatives(data_args: DataArguments, output_dir: str | os.PathLike):
+    """The attribute-binding hard negatives of the synthetic held-out split (a `HardNegativeSet`, the first
+    ``max_eval_samples`` scenes, as the retrieval pairs), or None when the training data are not the generated scenes,
+    another evaluation set is given, or there are no held-out scenes."""
+    synthetic = data_args.data_format == "synthetic" or (
+        data_args.data_format == "auto" and data_args.train_data == "synthetic"
+    )
+    if not synthetic or data_args.eval_data or data_args.synthetic_num_eval == 0:
+        return None
+    from ..evaluation.hard_negatives import HardNegativeSet, read_hard_negatives
+
+    full = read_hard_negatives(synthetic_paths(data_args, output_dir)["hard_negatives"], name="attribute binding")
+    count = len(full.captions) if data_args.max_eval_samples is None else data_args.max_eval_samples
+    return HardNegativeSet(full.name, full.image_paths[:count], full.captions[:count], full.negatives[:count],
+                           full.negative_types[:count])
+
+
 def retrieval_set(records: Sequence[dict[str, Any]], name: str = "heldout") -> RetrievalSet:
     """One caption per image (image ``i`` <-> caption ``i``); records without a string caption are left out."""
     kept = [r for r in records if isinstance(r.get("caption"), str) and r["caption"].strip()]
@@ -207,7 +249,9 @@ __all__ = [
     "GlobalBatchSampler",
     "add_caption_hierarchies",
     "eval_records",
+    "log_sharegpt4v_holdout",
     "retrieval_set",
+    "synthetic_hard_negatives",
     "synthetic_paths",
     "training_records",
 ]

@@ -51,6 +51,7 @@ from .data import (
     eval_records,
     retrieval_set,
     seed_step,
+    synthetic_hard_negatives,
     training_records,
 )
 from .optim import build_scheduler, parameter_groups, schedules_for_groups
@@ -77,6 +78,26 @@ def evaluate_heldout(model, processor, dataset, batch_size: int, device) -> dict
     finally:
         model.train(was_training)
     return {k: v for k, v in result.items() if isinstance(v, (int, float)) and ("R@" in k or k.startswith("num_"))}
+
+
+def evaluate_attribute_binding(model, processor, dataset, batch_size: int, device) -> dict[str, float]:
+    """Attribute-binding hard-negative metrics (global scoring) as flat ``attribute_binding_*`` numbers: accuracy and
+    chance in percent, mean rank, and the pairwise accuracy of each negative type."""
+    from ..evaluation.hard_negatives import evaluate_hard_negatives
+    from ..evaluation.retrieval import EvalSettings
+
+    was_training = model.training
+    model.eval()
+    try:
+        result = evaluate_hard_negatives(
+            model, processor, dataset, settings=EvalSettings(batch_size=batch_size, device=str(device), progress=False)
+        )
+    finally:
+        model.train(was_training)
+    flat = {f"attribute_binding_{key}": result[key] for key in ("accuracy", "chance", "mean_rank", "num_images")}
+    for kind, metrics in result.get("per_type", {}).items():
+        flat[f"attribute_binding_{kind}"] = metrics["accuracy"]
+    return flat
 
 
 def _median(values: list[float]) -> float | None:
@@ -180,6 +201,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, train_args: Traini
                 records, data_args, data_args.text_cache_dir or output_dir, accelerator.is_main_process
             )
         held_out = eval_records(data_args, output_dir)
+        hard_negatives = synthetic_hard_negatives(data_args, output_dir)
     streaming = not hasattr(records, "__len__")
     if isinstance(records, list):
         report = validate_records(records, strict=data_args.strict, check_files=data_args.strict,
@@ -292,9 +314,15 @@ def run(model_args: ModelArguments, data_args: DataArguments, train_args: Traini
     def evaluate(tag: str) -> None:
         if can_eval and accelerator.is_main_process:
             metrics = evaluate_heldout(unwrapped, processor, eval_set, train_args.eval_batch_size, accelerator.device)
+            binding = ""
+            if hard_negatives is not None:
+                metrics.update(evaluate_attribute_binding(unwrapped, processor, hard_negatives,
+                                                          train_args.eval_batch_size, accelerator.device))
+                binding = (f"  attribute binding {metrics['attribute_binding_accuracy']:.1f}% "
+                           f"(chance {metrics['attribute_binding_chance']:.1f}%)")
             evaluations[tag] = metrics
-            logger.info("eval (%s, %d held-out pairs): t2i R@1 %.1f  i2t R@1 %.1f", tag, metrics.get("num_texts", 0),
-                        metrics.get("t2i_R@1", float("nan")), metrics.get("i2t_R@1", float("nan")))
+            logger.info("eval (%s, %d held-out pairs): t2i R@1 %.1f  i2t R@1 %.1f%s", tag, metrics.get("num_texts", 0),
+                        metrics.get("t2i_R@1", float("nan")), metrics.get("i2t_R@1", float("nan")), binding)
             if train_args.trackers:
                 accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=state["global_step"])
         accelerator.wait_for_everyone()
@@ -523,4 +551,4 @@ def main(argv: list[str] | None = None) -> dict:
     return run(model_args, data_args, train_args)
 
 
-__all__ = ["check_mixed_precision", "evaluate_heldout", "loss_terms", "main", "run", "save_final"]
+__all__ = ["check_mixed_precision", "evaluate_attribute_binding", "evaluate_heldout", "loss_terms", "main", "run", "save_final"]
