@@ -3,6 +3,7 @@
     python benchmarks/bench_diffusion.py                 # CLIP-L-shaped text encoder (768 wide, 12 layers), CPU
     python benchmarks/bench_diffusion.py --small         # 256 wide, 4 layers (quick)
     python benchmarks/bench_diffusion.py --threads 4 --repeats 20
+    python benchmarks/bench_diffusion.py --only-sd3-flux --steps 4   # part 3 only
 
 Part 1 encodes one prompt and its negative (batch 2, as classifier-free guidance does) with a random text encoder of
 CLIP-L's shape: the stock 77-position encoder, the same encoder stretched to 248 positions (what a long-prompt
@@ -14,6 +15,11 @@ per mode.
 Part 2 times whole generations on the tiny random pipelines of ``hf_longclip.diffusion`` (32x32, a few steps): the
 stock 77-token SD pipeline, the long 248-token one, the long one with a 400-token prompt in two windows, and the
 long SDXL one (both encoders at 248).
+
+Part 3 does the same for the tiny SD3 and Flux pipelines: prompt encoding (``encode_prompt``, prompt + negative,
+T5 included) and whole generations of the stock 77-token pipelines against the long 248-token ones, with a
+150-token prompt. In SD3 the CLIP length also lengthens the joint text sequence the transformer attends over
+(77 + T5 -> 248 + T5 tokens); Flux only takes a pooled CLIP vector, so only its CLIP encoding gets longer.
 
 The machine may be shared: absolute times are noisy; compare the ratios printed within one run.
 """
@@ -176,6 +182,86 @@ def part_pipeline(args) -> None:
         )
 
 
+def _time_round_robin(cases: dict, repeats: int) -> dict:
+    """Per-case timings, the cases run round-robin (after one warm-up each) so that load hits them alike."""
+    times = {name: [] for name in cases}
+    with torch.inference_mode():
+        for fn in cases.values():
+            fn()
+        for _ in range(repeats):
+            for name, fn in cases.items():
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def _print_pairs(times: dict, pairs: list[tuple[str, str]], unit: str) -> None:
+    """Each (stock, long) pair: medians and minima, and long / stock ratios of both."""
+    for stock, long in pairs:
+        for name in (stock, long):
+            median, low = statistics.median(times[name]), min(times[name])
+            ratio_median = median / statistics.median(times[stock])
+            ratio_min = low / min(times[stock])
+            print(
+                f"  {name:<44} median {median * 1e3:7.1f} ms{unit} (x{ratio_median:5.2f})  "
+                f"min {low * 1e3:7.1f} ms (x{ratio_min:5.2f})"
+            )
+
+
+def part_sd3_flux(args) -> None:
+    from hf_longclip.diffusion import (
+        long_prompt_flux_pipeline,
+        long_prompt_sd3_pipeline,
+        tiny_flux_base_pipeline,
+        tiny_longclip,
+        tiny_sd3_base_pipeline,
+    )
+    from hf_longclip.testing_utils import DEFAULT_WORDS
+
+    prompt = " ".join(DEFAULT_WORDS[i % len(DEFAULT_WORDS)] for i in range(150))
+    longclip = tiny_longclip()
+    sd3_base, flux_base = tiny_sd3_base_pipeline(), tiny_flux_base_pipeline()
+    sd3_long, flux_long = long_prompt_sd3_pipeline(sd3_base, longclip), long_prompt_flux_pipeline(flux_base, longclip)
+    for pipe in (sd3_base, sd3_long, flux_base, flux_long):
+        pipe.set_progress_bar_config(disable=True)
+    gen = dict(num_inference_steps=args.steps, height=32, width=32, output_type="np")
+    text_tokens = {
+        name: pipe.encode_prompt(prompt, None, None, device="cpu", do_classifier_free_guidance=False)[0].shape[1]
+        for name, pipe in (("stock", sd3_base), ("long", sd3_long))
+    }
+    print(
+        f"== SD3 / Flux, tiny pipelines, 150-token prompt; SD3 joint text tokens: stock {text_tokens['stock']}, "
+        f"long {text_tokens['long']} (CLIP + 256 T5)"
+    )
+
+    def sd3_encode(pipe):
+        return lambda: pipe.encode_prompt(prompt, None, None, device="cpu", negative_prompt="a cat")
+
+    def flux_encode(pipe):  # prompt + negative, as true CFG encodes both
+        return lambda: [pipe.encode_prompt(p, device="cpu") for p in (prompt, "a cat")]
+
+    encode_cases = {
+        "SD3 stock 77 encode_prompt": sd3_encode(sd3_base),
+        "SD3 long 248 encode_prompt": sd3_encode(sd3_long),
+        "Flux stock 77 encode_prompt": flux_encode(flux_base),
+        "Flux long 248 encode_prompt": flux_encode(flux_long),
+    }
+    print("-- prompt encoding (prompt + negative, T5 included)")
+    names = tuple(encode_cases)
+    _print_pairs(_time_round_robin(encode_cases, args.repeats), [names[:2], names[2:]], "")
+
+    image_cases = {
+        f"SD3 stock 77, {args.steps} steps, CFG": lambda: sd3_base(prompt, negative_prompt="a cat", **gen),
+        f"SD3 long 248, {args.steps} steps, CFG": lambda: sd3_long(prompt, negative_prompt="a cat", **gen),
+        f"Flux stock 77, {args.steps} steps": lambda: flux_base(prompt, **gen),
+        f"Flux long 248, {args.steps} steps": lambda: flux_long(prompt, **gen),
+    }
+    print("-- per image, 32x32")
+    names = tuple(image_cases)
+    _print_pairs(_time_round_robin(image_cases, args.repeats), [names[:2], names[2:]], "/image")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hidden", type=int, default=768)
@@ -186,6 +272,8 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="1 keeps timings stable on a shared machine")
     parser.add_argument("--skip-pipeline", action="store_true")
+    parser.add_argument("--skip-encode", action="store_true", help="skip part 1 (the CLIP-L-shaped encoder)")
+    parser.add_argument("--only-sd3-flux", action="store_true", help="run part 3 only")
     parser.add_argument("--_encode-mode", dest="mode", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.small:
@@ -201,9 +289,12 @@ def main(argv=None) -> None:
         print(json.dumps(run_encode_memory(args)))
         return
     print(f"torch {torch.__version__}, {args.threads} threads, {args.repeats} repeats (medians)")
-    part_encode(args)
-    if not args.skip_pipeline:
+    if not (args.skip_encode or args.only_sd3_flux):
+        part_encode(args)
+    if not (args.skip_pipeline or args.only_sd3_flux):
         part_pipeline(args)
+    if not args.skip_pipeline:
+        part_sd3_flux(args)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""The ``hf-longclip`` command: the ``train``, ``convert``, ``stretch``, ``export``, ``evaluate`` and ``push``
-sub-commands, and ``--version``.
+"""The ``hf-longclip`` command: the ``train``, ``convert``, ``stretch``, ``export``, ``evaluate``, ``push`` and
+``generate`` sub-commands, and ``--version``.
 
 Sub-commands are registered in :data:`SUBCOMMANDS`; a handler reports bad input by raising :class:`CommandError`
 (one ``error: ...`` line, exit status 1). ``hf-longclip train ...`` hands its words to the training entry point
@@ -295,26 +295,42 @@ def _run_stretch(args) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- export
-EXPORT_FORMATS = ("clip", "text", "text-with-projection", "diffusers-text-encoder")
+EXPORT_FORMATS = ("clip", "text", "text-with-projection", "diffusers-text-encoder", "single-file")
+_EXPORT_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 def _add_export(subparsers) -> None:
     p = subparsers.add_parser(
         "export",
-        help="write a saved hf_longclip model as stock transformers CLIP folders or the diffusers text-encoder layout",
+        help="write a saved hf_longclip model as stock transformers CLIP folders, the diffusers text-encoder layout "
+        "or one .safetensors file",
         description="Formats: clip (CLIPModel + CLIPProcessor), text (CLIPTextModel + tokenizer), "
         "text-with-projection (CLIPTextModelWithProjection + tokenizer), diffusers-text-encoder (text_encoder/ + "
-        "tokenizer/ for StableDiffusionPipeline.from_pretrained(base, text_encoder=..., tokenizer=...)). "
-        "Every tokenizer has model_max_length equal to the model's text length (248). The variant's training heads "
-        "are dropped; the result loads without hf_longclip.",
+        "tokenizer/ for StableDiffusionPipeline.from_pretrained(base, text_encoder=..., tokenizer=...)), "
+        "single-file (one .safetensors file of the text encoder with transformers text_model.* names plus "
+        "text_projection.weight, the layout ComfyUI's CLIP loaders read; --output must end in .safetensors). "
+        "Folder formats write safetensors weights under names that transformers 4.x and 5 both load without "
+        "missing or unexpected keys, and a tokenizer with tokenizer.json, vocab.json and merges.txt, so the slow "
+        "and the fast CLIPTokenizer of both versions load it. Every tokenizer has model_max_length equal to the "
+        "model's text length (248). The variant's training heads are dropped; the result loads without "
+        "hf_longclip. See docs/diffusion.md (Export).",
     )
     p.add_argument("--model", required=True, help="a saved hf_longclip model folder (or Hub id) with its processor")
-    p.add_argument("--output", required=True, help="output folder")
+    p.add_argument("--output", required=True, help="output folder (single-file: the .safetensors file to write)")
     p.add_argument("--format", required=True, help="one of: " + ", ".join(EXPORT_FORMATS))
     p.add_argument(
         "--pad-with", default="longclip", choices=["longclip", "eos", "base"],
         help="diffusers-text-encoder: pad token of the saved tokenizer (longclip: id 0 as the authors' SD code; eos; "
         "base: keep the tokenizer's); see docs/diffusion.md",
+    )
+    p.add_argument(
+        "--no-projection", action="store_true",
+        help="single-file: leave out text_projection.weight (default: included, the names of a "
+        "CLIPTextModelWithProjection)",
+    )
+    p.add_argument(
+        "--dtype", default=None, choices=sorted(_EXPORT_DTYPES),
+        help="single-file: store the tensors in this precision (default: the model's dtype)",
     )
     p.add_argument("--revision", default=None)
     p.add_argument("--trust-remote-code", action="store_true")
@@ -326,6 +342,15 @@ def _run_export(args) -> int:
 
     if args.format not in EXPORT_FORMATS:
         raise CommandError(f"unknown format {args.format!r}; choose from {', '.join(EXPORT_FORMATS)}")
+    single = args.format == "single-file"
+    if single and not args.output.endswith(".safetensors"):
+        raise CommandError(
+            f"--format single-file writes one .safetensors file; --output {args.output!r} must end in .safetensors"
+        )
+    if not single and (args.no_projection or args.dtype):
+        raise CommandError("--no-projection and --dtype apply to --format single-file only")
+    if single and Path(args.output).is_dir():
+        raise CommandError(f"--output {args.output!r} is a folder; pass the path of the .safetensors file to write")
     model_type = _config_dict(args.model, "--model", args.revision).get("model_type")
     if model_type not in _variant_names():
         hint = " (stretch it first: hf-longclip stretch --base ...)" if model_type == "clip" else ""
@@ -339,22 +364,28 @@ def _run_export(args) -> int:
         raise CommandError(f"cannot load {args.model!r}: {_one_line(error)}") from error
     if not isinstance(model, LongCLIPModel):
         raise CommandError(f"--model {args.model!r} loaded as {type(model).__name__}, not an hf_longclip model")
+    from .export import save_clip_processor, save_model, save_single_file, save_tokenizer
+
     tokenizer = processor.tokenizer
     tokenizer.model_max_length = _text_length(model)
     output = Path(args.output)
     try:
         if args.format == "clip":
-            from transformers import CLIPProcessor
-
             exported = model.to_clip_model()
-            exported.save_pretrained(output)
-            CLIPProcessor(image_processor=processor.image_processor, tokenizer=tokenizer).save_pretrained(output)
+            save_model(exported, output)
+            save_clip_processor(processor.image_processor, tokenizer, output)
             what = "CLIPProcessor"
         elif args.format in ("text", "text-with-projection"):
             exported = model.to_text_model(with_projection=args.format == "text-with-projection")
-            exported.save_pretrained(output)
-            tokenizer.save_pretrained(output)
+            save_model(exported, output)
+            save_tokenizer(tokenizer, output)
             what = "CLIPTokenizer"
+        elif single:
+            import torch
+
+            exported = model.to_text_model(with_projection=not args.no_projection)
+            dtype = getattr(torch, _EXPORT_DTYPES[args.dtype]) if args.dtype else None
+            save_single_file(exported, output, with_projection=not args.no_projection, dtype=dtype)
         else:
             from .diffusion import export_text_encoder
 
@@ -363,9 +394,15 @@ def _run_export(args) -> int:
             what = "tokenizer/"
     except NotImplementedError as error:  # Fix-CLIP's prompted image tower has no stock equivalent
         raise CommandError(_one_line(error)) from error
+    if single:
+        keys = "text_model.* + text_projection.weight" if not args.no_projection else "text_model.*"
+        print(f"wrote {type(exported).__name__} weights ({keys}, {_text_length(model)} positions"
+              f"{', ' + args.dtype if args.dtype else ''}) exported from {type(model).__name__} to {output}")
+        return 0
     where = f"{output / 'text_encoder'} and {output / 'tokenizer'}" if args.format == "diffusers-text-encoder" else str(output)
     print(f"wrote stock {type(exported).__name__} ({_text_length(model)} text positions) + {what} "
-          f"({tokenizer.model_max_length}-token) exported from {type(model).__name__} to {where}")
+          f"({tokenizer.model_max_length}-token) exported from {type(model).__name__} to {where}; loads under "
+          "transformers 4.x and 5")
     return 0
 
 
@@ -453,9 +490,15 @@ def _add_push(subparsers) -> None:
     p.add_argument("--base-model", default=None, help="the CLIP checkpoint the model was fine-tuned from")
     p.add_argument("--dataset", action="append", default=None, help="training data set id (repeatable)")
     p.add_argument("--license", default="apache-2.0")
-    p.add_argument("--export-clip", action="store_true", help="also upload a stock CLIPModel export under clip/")
     p.add_argument(
-        "--export-diffusers-text-encoder", action="store_true", help="also upload text_encoder/ + tokenizer/ (diffusers)"
+        "--export-clip", action="store_true",
+        help="also upload a stock CLIPModel + CLIPProcessor export under clip/ (as `export --format clip`: loads "
+        "under transformers 4.x and 5)",
+    )
+    p.add_argument(
+        "--export-diffusers-text-encoder", action="store_true",
+        help="also upload text_encoder/ + tokenizer/ for diffusers (as `export --format diffusers-text-encoder`: "
+        "loads under transformers 4.x and 5, slow and fast CLIPTokenizer)",
     )
     p.add_argument("--commit-message", default=None)
     p.add_argument("--revision", default=None, help="branch to push to (created if missing)")
@@ -499,6 +542,34 @@ def _run_push(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------------- generate
+def _add_generate(subparsers) -> None:
+    from .generate import add_arguments
+
+    p = subparsers.add_parser(
+        "generate",
+        help="images from long prompts with an SD / SDXL / SD3 / Flux pipeline whose CLIP encoders read 248 tokens",
+        description="Build the long-prompt pipeline for SD 1.x/2.x, SDXL, SD3/3.5 or Flux (recognised from its "
+        "components), encode every prompt at 248 tokens (windows past that where the pipeline reads per-token "
+        "embeddings) and write 00000.png, ... and generate.json (settings, token counts, seeds, timings) to --out. "
+        "Offline demo: --tiny sd|sdxl|sd3|flux.",
+    )
+    add_arguments(p)
+    p.set_defaults(handler=_run_generate)
+
+
+def _run_generate(args) -> int:
+    from .extras import require
+    from .generate import run_from_args
+
+    require("diffusers", "diffusion", "hf-longclip generate")
+    try:
+        run_from_args(args)
+    except (ValueError, OSError) as error:
+        raise CommandError(_one_line(error)) from error
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------- train
 def _add_train(subparsers) -> None:
     # Listed here for `hf-longclip --help`; `main` hands everything after "train" to the trainer's own parser.
@@ -516,6 +587,7 @@ SUBCOMMANDS: dict[str, Callable] = {
     "export": _add_export,
     "evaluate": _add_evaluate,
     "push": _add_push,
+    "generate": _add_generate,
 }
 
 

@@ -102,6 +102,11 @@ def check_push_inputs(repo_id: str, results: str | os.PathLike | Mapping | None 
     return check_results(results)
 
 
+def _is_hard_negative(name: str) -> bool:
+    """Whether a benchmark name of a results JSON is a ``hardneg:<file>`` hard-negative score."""
+    return name.startswith("hardneg:")
+
+
 def eval_results_from_json(results: str | os.PathLike | Mapping) -> list[EvalResult]:
     """``EvalResult`` entries (model-index) from a results JSON of :func:`hf_longclip.evaluation.evaluate`.
 
@@ -120,6 +125,13 @@ def eval_results_from_json(results: str | os.PathLike | Mapping) -> list[EvalRes
                     task_type="fine-grained-region-text-matching", dataset_type=dataset_type, dataset_name=display,
                     dataset_config=split_name, dataset_split=split, metric_type="accuracy",
                     metric_name=f"Accuracy ({split_name})", metric_value=round(float(split_metrics["accuracy"]), 2),
+                ))
+        elif _is_hard_negative(name):
+            if "accuracy" in metrics:
+                out.append(EvalResult(
+                    task_type="image-text-matching", dataset_type="hard-negatives", dataset_name=name.split(":", 1)[1],
+                    dataset_split="test", metric_type="accuracy", metric_name="Hard-negative accuracy",
+                    metric_value=round(float(metrics["accuracy"]), 2),
                 ))
         elif name == "zeroshot":
             for key in ("top1", "top5"):
@@ -154,7 +166,7 @@ def evaluation_markdown(results: str | os.PathLike | Mapping | None) -> str:
         "ties are counted against the model.",
         "",
     ]
-    retrieval = [(n, m) for n, m in benches.items() if n not in ("fgovd", "zeroshot")]
+    retrieval = [(n, m) for n, m in benches.items() if n not in ("fgovd", "zeroshot") and not _is_hard_negative(n)]
     if retrieval:
         lines += [
             "| Benchmark | images | texts | T2I R@1 | T2I R@5 | T2I R@10 | I2T R@1 | I2T R@5 | I2T R@10 |",
@@ -168,6 +180,15 @@ def evaluation_markdown(results: str | os.PathLike | Mapping | None) -> str:
         lines += ["| FG-OVD split | boxes | accuracy |", "|---|---|---|"]
         for split, m in benches["fgovd"].get("splits", {}).items():
             lines.append(f"| {split} | {m.get('num_boxes')} | {m['accuracy']:.2f} |")
+        lines.append("")
+    hard = [(n, m) for n, m in benches.items() if _is_hard_negative(n)]
+    if hard:
+        lines += ["| Hard-negative file | images | accuracy | mean rank | chance |", "|---|---|---|---|---|"]
+        for name, m in hard:
+            lines.append(
+                f"| {name.split(':', 1)[1]} | {m.get('num_images')} | {m.get('accuracy', float('nan')):.2f} | "
+                f"{m.get('mean_rank', float('nan')):.2f} | {m.get('chance', float('nan')):.2f} |"
+            )
         lines.append("")
     if "zeroshot" in benches:
         m = benches["zeroshot"]
@@ -289,20 +310,21 @@ def save_for_hub(
     Layout: the variant model (safetensors, ``config.json`` with ``auto_map`` and the copied modeling code), the
     processor files, ``README.md``; with `export_clip` a stock ``CLIPModel`` + ``CLIPProcessor`` in ``clip/``; with
     `export_diffusers_text_encoder` ``text_encoder/`` (``CLIPTextModel`` from ``model.to_text_model()``) and
-    ``tokenizer/`` (248-token tokenizer padding with id 0, the authors' SD convention).
+    ``tokenizer/`` (248-token tokenizer padding with id 0, the authors' SD convention). The exports are written by
+    :mod:`hf_longclip.export`, as ``hf-longclip export`` writes them, and load under transformers 4.x and 5.
 
     Args:
         card: a rendered card (or README text); default: :func:`render_model_card` with `card_kwargs`.
     """
-    from transformers import CLIPProcessor
+    from .export import save_clip_processor, save_model
 
     folder = Path(save_directory)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
-    if export_clip:
-        model.to_clip_model().save_pretrained(folder / "clip")
-        CLIPProcessor(image_processor=processor.image_processor, tokenizer=processor.tokenizer).save_pretrained(folder / "clip")
+    if export_clip:  # the same writers as `hf-longclip export --format clip`: loads under transformers 4.x and 5
+        save_model(model.to_clip_model(), folder / "clip")
+        save_clip_processor(processor.image_processor, processor.tokenizer, folder / "clip")
     if export_diffusers_text_encoder:
         from .diffusion import export_text_encoder
 

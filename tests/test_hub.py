@@ -276,3 +276,19 @@ def test_cli_push_fails_in_one_line(monkeypatch, repo_creations, tmp_path, capsy
     endpoint = _closed_port_endpoint()
     assert cli.main([*base, "--repo-id", "me/x", "--endpoint", endpoint]) == 1
     assert f"cannot reach the Hub at {endpoint}" in one_error_line()
+
+
+def test_card_shows_hard_negative_scores_in_their_own_table(processor, longclip_model):
+    """A `hardneg:<file>` result is a hard-negative score, not a retrieval row (which would be all NaN)."""
+    from hf_longclip.hub import evaluation_markdown
+
+    results = {**RESULTS, "benchmarks": {**RESULTS["benchmarks"], "hardneg:scenes/hard_negatives.jsonl": {
+        "accuracy": 13.0, "mean_rank": 2.9, "chance": 16.67, "chance_mean_rank": 3.5, "num_images": 200,
+        "num_negatives": 1000}}}
+    markdown = evaluation_markdown(results)
+    assert "nan" not in markdown.lower()
+    assert "| scenes/hard_negatives.jsonl | 200 | 13.00 | 2.90 | 16.67 |" in markdown
+    entries = [r for r in eval_results_from_json(results) if r.dataset_type == "hard-negatives"]
+    assert [(r.metric_value, r.dataset_name) for r in entries] == [(13.0, "scenes/hard_negatives.jsonl")]
+    card = render_model_card(longclip_model, results, repo_id="me/tiny")
+    assert "Hard-negative accuracy" in str(card.data.to_dict())
