@@ -11,6 +11,7 @@ Usage::
 
     python benchmarks/bench_training.py                     # all variants, batch 16, 4 steps each, fp32 CPU
     python benchmarks/bench_training.py --variants longclip,finelip --steps 3
+    python benchmarks/bench_training.py --variants longclip,fixclip --extra fixclip-drop fixclip '{"masked_patches": "drop"}'
     python benchmarks/bench_training.py --quickstart-only   # only the quickstart's wall time
     python benchmarks/bench_training.py --tiny              # small shapes: a smoke test in seconds
 
@@ -107,20 +108,24 @@ def bench_variants(args) -> None:
         size = 64 if args.tiny else 224
         table = make_pairs(tmp / "data", args.batch_size * (args.steps + 1), size)
         rows = []
-        for variant in args.variants:
+        runs = [(variant, variant, {}) for variant in args.variants]
+        runs += [(label, variant, json.loads(fields)) for label, variant, fields in args.extra]
+        for label, variant, fields in runs:
             flags = ["--variant", variant, "--base", str(tmp / "base"), "--train_data", str(table),
                      "--output_dir", str(tmp / f"run-{variant}"), "--per_device_train_batch_size", str(args.batch_size),
                      "--max_steps", str(args.steps), "--save_steps", "0", "--save_final_model", "false",
                      "--num_workers", str(args.workers), "--mixed_precision", "no", "--disable_progress_bar", "true",
                      "--logging_steps", "1", "--eval_before_training", "false", "--transform", "eval"]
-            if args.tiny and VARIANTS[variant].tiny_config:  # 2-layer towers: e.g. Fix-CLIP's groups must divide them
-                flags += ["--model_config", json.dumps(dict(VARIANTS[variant].tiny_config))]
+            model_config = {**(dict(VARIANTS[variant].tiny_config) if args.tiny else {}), **fields}
+            if model_config:  # tiny: 2-layer towers (e.g. Fix-CLIP's groups must divide them); --extra settings
+                flags += ["--model_config", json.dumps(model_config)]
+            flags[flags.index("--output_dir") + 1] = str(tmp / f"run-{label}")
             start = time.perf_counter()
             result = run_child(flags)
             summary = result["summary"]
-            rows.append((variant, summary["seconds_per_step"], summary["samples_per_second"], result["peak_rss_mib"],
+            rows.append((label, summary["seconds_per_step"], summary["samples_per_second"], result["peak_rss_mib"],
                          time.perf_counter() - start))
-            print(f"{variant:9s} step {summary['seconds_per_step']:7.2f} s  {summary['samples_per_second']:6.2f} "
+            print(f"{label:12s} step {summary['seconds_per_step']:7.2f} s  {summary['samples_per_second']:6.2f} "
                   f"samples/s  peak RSS {result['peak_rss_mib']:7.0f} MiB  (process {rows[-1][4]:.0f} s)", flush=True)
         base = {r[0]: r for r in rows}.get("longclip")
         if base:
@@ -148,6 +153,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="steps per variant (the first is not timed)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument(
+        "--extra", nargs=3, action="append", default=[], metavar=("LABEL", "VARIANT", "JSON"),
+        help="one more run of VARIANT with these model settings, reported as LABEL (repeatable), e.g. --extra "
+        "fixclip-drop fixclip '{\"masked_patches\": \"drop\"}'",
+    )
     parser.add_argument("--quickstart-only", action="store_true")
     parser.add_argument("--no-quickstart", action="store_true")
     args = parser.parse_args()

@@ -540,3 +540,80 @@ def test_two_processes_match_one_process(tmp_path):
     for name, p in model.named_parameters():
         if p.grad is not None:
             torch.testing.assert_close(dist["grads"][name], p.grad, rtol=1e-8, atol=1e-10, msg=lambda m: f"{name}: {m}")
+
+
+# ---------------------------------------------------------------------------------------------- dropped patches
+@pytest.mark.parametrize("isolate, remainder, prompts", [(False, "none", 4), (True, "last", 3), (False, "none", 3)])
+def test_dropped_patch_mask_is_the_full_mask_restricted_to_the_kept_patches(isolate, remainder, prompts):
+    """Per image, the regional mask over the patches an image kept is exactly the full grid's mask with the dropped
+    patches' rows and columns removed: every prompt still reads the kept patches of its own region."""
+    full = regional_attention_allowed(16, prompts, remainder, isolate_patches=isolate)
+    positions = torch.stack([torch.randperm(16, generator=torch.Generator().manual_seed(s))[:5].sort().values
+                             for s in range(3)])
+    dropped = regional_attention_allowed(16, prompts, remainder, isolate_patches=isolate, patch_positions=positions)
+    extra = 1 if isolate else 0
+    assert dropped.shape == (3, 1 + 5 + extra + prompts, 1 + 5 + extra + prompts)
+    for image in range(3):
+        keep = torch.cat([torch.tensor([0]), 1 + positions[image], torch.arange(17, 17 + extra + prompts)])
+        assert torch.equal(dropped[image], full[keep][:, keep]), image
+    additive = regional_attention_mask(16, prompts, remainder, isolate_patches=isolate, patch_positions=positions)
+    assert additive.shape == (3, 1, *dropped.shape[1:]) and torch.equal(additive[:, 0] == 0, dropped)
+
+
+def test_dropped_branch_runs_on_the_visible_tokens_only(clip_model, batch):
+    """mask_ratio 0.75 on the 4x4 grid: the short branch's image tower gets 1 CLS + 4 visible patches + 4 prompts,
+    the long branch 1 + 16 + 4."""
+    model = _fixclip(clip_model, masked_patches="drop").train()
+    lengths = []
+    hook = model.vision_model.encoder.layers[0].register_forward_pre_hook(lambda m, args: lengths.append(args[0].shape[1]))
+    try:
+        model(**batch, return_loss=True, mask_generator=0)
+    finally:
+        hook.remove()
+    prompts = model.config.prompts_per_layer
+    assert lengths == [1 + 16 + prompts, 1 + round(0.25 * 16) + prompts]
+
+
+def test_dropped_branch_is_the_tower_on_the_visible_patches(clip_model):
+    """Without prompts the dropped branch is exactly the stock tower run on CLS + the visible patches, each with its
+    own position embedding; the pixels of dropped patches cannot matter."""
+    model = _fixclip(clip_model, masked_patches="drop", regional_prompts=False).eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    mask = random_patch_mask(2, 16, 0.75, generator=5)
+    vision = model.vision_model
+    with torch.no_grad():
+        out = model.image_tower(pixels, patch_mask=mask).pooler_output
+        tokens = vision.embeddings(pixels)
+        rows = [torch.cat([tokens[i, :1], tokens[i, 1:][~mask[i]]]) for i in range(2)]
+        hidden = vision.pre_layrnorm(torch.stack(rows))
+        for layer in vision.encoder.layers:
+            hidden = layer(hidden, None)
+        expected = vision.post_layernorm(hidden[:, 0])
+        pixel_mask = mask.view(-1, 4, 4).repeat_interleave(8, 1).repeat_interleave(8, 2)[:, None].expand_as(pixels)
+        scrambled = model.image_tower(torch.where(pixel_mask, torch.randn_like(pixels) * 5, pixels), patch_mask=mask)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(scrambled.pooler_output, out, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("group_image_branch", ["full", "masked"])
+def test_dropping_nothing_equals_the_mask_token_mode(clip_model, batch, group_image_branch):
+    """With mask_ratio 0 both modes run the same tokens: identical losses (and so gradients), whichever pass feeds
+    the hierarchical alignment."""
+    fields = dict(mask_ratio=0.0, group_image_branch=group_image_branch)
+    token = _fixclip(clip_model, **fields).train()
+    drop = _fixclip(clip_model, masked_patches="drop", **fields).train()
+    drop.load_state_dict(token.state_dict())
+    a = token(**batch, return_loss=True, mask_generator=0)
+    b = drop(**batch, return_loss=True, mask_generator=0)
+    torch.testing.assert_close(b.loss, a.loss, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(b.masked_image_embeds, a.masked_image_embeds, rtol=1e-6, atol=1e-7)
+
+
+def test_dropping_needs_the_same_visible_count_per_image(clip_model):
+    model = _fixclip(clip_model, masked_patches="drop")
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    mask[0, :3] = True
+    with pytest.raises(ValueError, match="same number of visible patches"):
+        model.image_tower(torch.randn(2, 3, 32, 32), patch_mask=mask)
+    with pytest.raises(ValueError, match="masked_patches"):
+        _fixclip(clip_model, masked_patches="remove")

@@ -11,6 +11,7 @@ REGION_REMAINDERS = ("none", "last")
 GROUP_FEATURE_SOURCES = ("hidden", "post_layernorm")
 GROUP_IMAGE_BRANCHES = ("full", "masked")
 GROUP_TEXT_BRANCHES = ("long", "short")
+MASKED_PATCH_MODES = ("mask_token", "drop")
 
 
 @strict
@@ -32,6 +33,13 @@ class FixCLIPConfig(LongCLIPConfig):
         mask_ratio (`float`, *optional*, defaults to 0.75):
             [stated] Fraction of patch embeddings the short branch replaces by the mask token. Must be in [0, 1).
             ``N - int(N * (1 - mask_ratio))`` patches are masked per image (MAE's count: 147 of 196).
+        masked_patches (`str`, *optional*, defaults to `"mask_token"`):
+            What the short branch does with its masked patches. ``"mask_token"`` (the stated method): every patch
+            slot stays and the masked ones carry the learned mask token, so the branch costs a full image pass.
+            ``"drop"`` (FLIP-style, not in the paper): the masked patches are removed; CLS, the visible patches with
+            their own position embeddings and the regional prompts remain (each prompt still attends to the visible
+            patches of its region), so at ``mask_ratio=0.75`` the branch runs on about a quarter of the tokens. The
+            mask token is then unused.
         mask_before_position_embedding (`bool`, *optional*, defaults to `True`):
             Replace the patch embedding *before* the position embedding is added, so a masked slot still carries its
             position (BEiT / SimMIM style). UNKNOWN; False replaces the whole embedded token after the position is
@@ -104,6 +112,7 @@ class FixCLIPConfig(LongCLIPConfig):
 
     label_smoothing: float | int = 0.0
     mask_ratio: float | int = 0.75
+    masked_patches: str = "mask_token"
     mask_before_position_embedding: bool = True
     prompts_in_masked_branch: bool = True
     regional_prompts: bool = True
@@ -133,6 +142,7 @@ class FixCLIPConfig(LongCLIPConfig):
             ("group_feature_source", GROUP_FEATURE_SOURCES),
             ("group_image_branch", GROUP_IMAGE_BRANCHES),
             ("group_text_branch", GROUP_TEXT_BRANCHES),
+            ("masked_patches", MASKED_PATCH_MODES),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")

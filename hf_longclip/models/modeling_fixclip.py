@@ -33,6 +33,7 @@ def regional_attention_allowed(
     remainder: str = "none",
     device: torch.device | str | None = None,
     isolate_patches: bool = False,
+    patch_positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Boolean ``(T, T)`` matrix of the allowed (query, key) pairs, ``T = 1 + N + M``, tokens ordered
     ``[CLS, patch_0 .. patch_{N-1}, prompt_0 .. prompt_{M-1}]``.
@@ -49,33 +50,44 @@ def regional_attention_allowed(
     (CLS and patches only) and is what patches read, while the prompted CLS reads itself, the patches and every
     prompt. Patch tokens then never depend on prompts, even through CLS in later layers.
 
+    With ``patch_positions`` (`(batch, K)`, the grid index of each patch token that is present: Fix-CLIP's short
+    branch with ``masked_patches="drop"``) only those ``K`` patches are in the sequence (``N`` stays the full grid's
+    patch count, which fixes the regions) and the result is one matrix per image, ``(batch, T, T)`` with
+    ``T = 1 + K + M``: each prompt attends to the present patches of its region.
+
     Args:
         num_patches (`int`): ``N``.
         num_prompts (`int`): ``M``, in ``[1, N]``.
         remainder (`str`): ``"none"`` or ``"last"``.
         isolate_patches (`bool`): add the prompted CLS token as described above.
+        patch_positions (`torch.LongTensor`, *optional*): the present patches' grid indices, per image.
     """
     if not 1 <= num_prompts <= num_patches:
         raise ValueError(f"need 1 <= num_prompts ({num_prompts}) <= num_patches ({num_patches})")
     n, m = num_patches, num_prompts
-    extra = 1 if isolate_patches else 0
-    total = 1 + n + extra + m
-    first_prompt = 1 + n + extra
-    allowed = torch.zeros(total, total, dtype=torch.bool, device=device)
-    allowed[1 : 1 + n, : 1 + n] = True
-    if isolate_patches:
-        allowed[0, : 1 + n] = True
-        allowed[1 + n, 1:] = True  # prompted CLS: patches, itself, prompts (not the prompt-free CLS)
+    if patch_positions is None:
+        positions = torch.arange(n, device=device)[None]
     else:
-        allowed[0, :] = True
-    size = n // m
-    for j in range(m):
-        row = first_prompt + j
-        start = j * size
-        stop = n if (remainder == "last" and j == m - 1) else start + size
-        allowed[row, 1 + start : 1 + stop] = True
-        allowed[row, row] = True
-    return allowed
+        positions = patch_positions.to(device=device, dtype=torch.long)
+    batch, k = positions.shape
+    extra = 1 if isolate_patches else 0
+    total = 1 + k + extra + m
+    first_prompt = 1 + k + extra
+    allowed = torch.zeros(batch, total, total, dtype=torch.bool, device=device)
+    allowed[:, 1 : 1 + k, : 1 + k] = True
+    if isolate_patches:
+        allowed[:, 0, : 1 + k] = True
+        allowed[:, 1 + k, 1:] = True  # prompted CLS: patches, itself, prompts (not the prompt-free CLS)
+    else:
+        allowed[:, 0, :] = True
+    region = positions // (n // m)  # a region index >= m: a trailing patch of no prompt (remainder "none")
+    if remainder == "last":
+        region = region.clamp(max=m - 1)
+    prompts = torch.arange(m, device=device)
+    allowed[:, first_prompt:, 1 : 1 + k] = region[:, None, :] == prompts[None, :, None]
+    rows = torch.arange(first_prompt, total, device=device)
+    allowed[:, rows, rows] = True
+    return allowed if patch_positions is not None else allowed[0]
 
 
 def regional_attention_mask(
@@ -85,14 +97,16 @@ def regional_attention_mask(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
     isolate_patches: bool = False,
+    patch_positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The additive float mask ``(1, 1, T, T)`` for transformers' attention: 0 where allowed, the dtype's most
     negative value elsewhere (see `regional_attention_allowed`). Every row allows at least one key, so no softmax row
-    is empty; the eager kernel adds it to the scores and SDPA takes it as ``attn_mask``."""
-    allowed = regional_attention_allowed(num_patches, num_prompts, remainder, device, isolate_patches)
+    is empty; the eager kernel adds it to the scores and SDPA takes it as ``attn_mask``. With `patch_positions` it is
+    one mask per image, ``(batch, 1, T, T)``."""
+    allowed = regional_attention_allowed(num_patches, num_prompts, remainder, device, isolate_patches, patch_positions)
     mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask[None, None]
+    return mask[:, None] if patch_positions is not None else mask[None, None]
 
 
 # ---------------------------------------------------------------------------------------------- modules
@@ -335,7 +349,8 @@ class FixCLIPModel(LongCLIPModel):
     def _embed(
         self, pixel_values: torch.Tensor, patch_mask: torch.Tensor | None, interpolate_pos_encoding: bool
     ) -> torch.Tensor:
-        """CLS + patch embeddings with positions; masked patches replaced by the mask token."""
+        """CLS + patch embeddings with positions; masked patches replaced by the mask token (``masked_patches=
+        "mask_token"``; with ``"drop"`` see `_embed_visible`)."""
         embeddings = self.vision_model.embeddings
         if patch_mask is None or not self.config.mask_before_position_embedding:
             tokens = embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
@@ -359,6 +374,27 @@ class FixCLIPModel(LongCLIPModel):
             return tokens + embeddings.interpolate_pos_encoding(tokens, height, width)
         return tokens + embeddings.position_embedding(embeddings.position_ids)
 
+    def _embed_visible(
+        self, pixel_values: torch.Tensor, patch_mask: torch.Tensor, interpolate_pos_encoding: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``masked_patches="drop"``: CLS + the visible patches, each with its own position embedding, and the grid
+        indices of those patches `(batch, K)`. Every image must keep the same number ``K`` of patches (what
+        `random_patch_mask` draws)."""
+        tokens = self.vision_model.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+        batch, seq, dim = tokens.shape
+        if patch_mask.shape != (batch, seq - 1):
+            raise ValueError(f"patch_mask has shape {tuple(patch_mask.shape)}, expected {(batch, seq - 1)}")
+        visible = ~patch_mask
+        counts = visible.sum(dim=1)
+        if bool((counts != counts[0]).any()):
+            raise ValueError(
+                "masked_patches='drop' needs the same number of visible patches in every image of the batch, got "
+                f"{sorted(set(counts.tolist()))}"
+            )
+        positions = visible.nonzero()[:, 1].view(batch, -1)  # row-major: each row's indices in grid order
+        patches = tokens[:, 1:].gather(1, positions[..., None].expand(-1, -1, dim))
+        return torch.cat([tokens[:, :1], patches], dim=1), positions
+
     def image_tower(
         self,
         pixel_values: torch.Tensor,
@@ -373,8 +409,8 @@ class FixCLIPModel(LongCLIPModel):
 
         Args:
             pixel_values (`torch.FloatTensor` of shape `(batch, 3, H, W)`): images.
-            patch_mask (`torch.BoolTensor` of shape `(batch, num_patches)`, *optional*): patches to replace by the
-                mask token (the short branch).
+            patch_mask (`torch.BoolTensor` of shape `(batch, num_patches)`, *optional*): the short branch's masked
+                patches: replaced by the mask token, or left out with ``masked_patches="drop"``.
             use_prompts (`bool`): insert the regional prompts (ignored without prompts in the config).
             output_layer_cls (`bool`): also return the CLS token after every layer.
             output_attentions, output_hidden_states (*optional*): as transformers' towers (default: the vision
@@ -387,9 +423,14 @@ class FixCLIPModel(LongCLIPModel):
         output_attentions, output_hidden_states = resolve_output_flags(
             self.config.vision_config, output_attentions, output_hidden_states
         )
-        hidden = vision.pre_layrnorm(self._embed(pixel_values, patch_mask, interpolate_pos_encoding))
+        positions = None
+        if patch_mask is not None and self.config.masked_patches == "drop":
+            embedded, positions = self._embed_visible(pixel_values, patch_mask, interpolate_pos_encoding)
+        else:
+            embedded = self._embed(pixel_values, patch_mask, interpolate_pos_encoding)
+        hidden = vision.pre_layrnorm(embedded)
         batch, seq, _ = hidden.shape
-        num_patches = seq - 1
+        num_patches = seq - 1 if positions is None else patch_mask.shape[1]
         prompts = self.regional_prompts if use_prompts else None
         if prompts is not None:
             self._check_attention_kernel()
@@ -415,7 +456,13 @@ class FixCLIPModel(LongCLIPModel):
                     if mask is None:  # first prompted layer: append the prompt slots after the patches
                         parts = [hidden, hidden[:, :1]] if isolate else [hidden]
                         hidden = torch.cat([*parts, fresh], dim=1)
-                        mask = self.attention_mask_for(num_patches, hidden.dtype, hidden.device)
+                        if positions is None:
+                            mask = self.attention_mask_for(num_patches, hidden.dtype, hidden.device)
+                        else:  # dropped patches: one mask per image, over the patches it kept
+                            mask = regional_attention_mask(
+                                num_patches, self.config.prompts_per_layer, self.config.region_remainder,
+                                hidden.dtype, hidden.device, self.config.isolate_patches_from_prompts, positions,
+                            )
                         cls_index = seq if isolate else 0
                     elif self.config.prompt_depth_mode == "add":
                         hidden = torch.cat([hidden[:, :first_prompt], hidden[:, first_prompt:] + fresh], dim=1)
