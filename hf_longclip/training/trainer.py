@@ -65,18 +65,25 @@ def loss_terms(output) -> dict[str, float]:
     return {key: float(value.detach()) for key, value in output.loss_terms().items()}
 
 
+@contextlib.contextmanager
+def _eval_mode(model):
+    """`model` in eval mode for the block, then back in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 def evaluate_heldout(model, processor, dataset, batch_size: int, device) -> dict[str, float]:
     """Long-caption retrieval R@k on held-out pairs (global CLS / EOT scoring)."""
     from ..evaluation.retrieval import EvalSettings, evaluate_retrieval
 
-    was_training = model.training
-    model.eval()
-    try:
+    with _eval_mode(model):
         result = evaluate_retrieval(
             model, processor, dataset, settings=EvalSettings(batch_size=batch_size, device=str(device), progress=False)
         )
-    finally:
-        model.train(was_training)
     return {k: v for k, v in result.items() if isinstance(v, (int, float)) and ("R@" in k or k.startswith("num_"))}
 
 
@@ -86,14 +93,10 @@ def evaluate_attribute_binding(model, processor, dataset, batch_size: int, devic
     from ..evaluation.hard_negatives import evaluate_hard_negatives
     from ..evaluation.retrieval import EvalSettings
 
-    was_training = model.training
-    model.eval()
-    try:
+    with _eval_mode(model):
         result = evaluate_hard_negatives(
             model, processor, dataset, settings=EvalSettings(batch_size=batch_size, device=str(device), progress=False)
         )
-    finally:
-        model.train(was_training)
     flat = {f"attribute_binding_{key}": result[key] for key in ("accuracy", "chance", "mean_rank", "num_images")}
     for kind, metrics in result.get("per_type", {}).items():
         flat[f"attribute_binding_{kind}"] = metrics["accuracy"]
