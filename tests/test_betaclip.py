@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from hf_longclip import BetaCLIPConfig, BetaCLIPModel, TextConditionedPooler
 from hf_longclip.models.losses_betaclip import BetaCALoss, beta_cal_bce_loss, beta_cal_ce_loss
+from hf_longclip.models.packing import pack_rows, packed_layout
 from hf_longclip.data import BetaCLIPCollator
 from hf_longclip.testing_utils import spawn_distributed
 from hf_longclip.text import parse_hierarchies
@@ -218,10 +219,12 @@ CAPTIONS = [
 ]
 
 
-def test_packed_encoding_equals_one_by_one_and_skips_absent_rows(beta_model, processor):
+@pytest.mark.parametrize("pack", [False, True], ids=["padded", "packed"])
+def test_query_encoding_equals_one_by_one_and_skips_absent_rows(beta_model, processor, pack):
+    beta_model.config.pack_query_texts = pack
     batch = _batch(processor, CAPTIONS)
     calls = []
-    hook = beta_model.text_model.register_forward_pre_hook(
+    hook = beta_model.text_model.embeddings.register_forward_pre_hook(
         lambda module, args, kwargs: calls.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
     )
     try:
@@ -235,10 +238,21 @@ def test_packed_encoding_equals_one_by_one_and_skips_absent_rows(beta_model, pro
         hook.remove()
     n_sent, n_phrase = int(batch["sentence_mask"].sum()), int(batch["phrase_mask"].sum())
     assert batch["sentence_mask"].numel() > n_sent and batch["phrase_mask"].numel() > n_phrase  # padding exists
-    # one call per granularity, exactly the valid rows, each at its own longest real length
-    assert [c[0] for c in calls] == [3, n_sent, n_phrase]
-    assert calls[1][1] == int(batch["sentence_attention_mask"].sum(-1).max())
-    assert calls[2][1] == int(batch["phrase_attention_mask"].sum(-1).max())
+    sentence_tokens = batch["sentence_attention_mask"][batch["sentence_mask"]].sum(-1)
+    phrase_tokens = batch["phrase_attention_mask"][batch["phrase_mask"]].sum(-1)
+    if pack:
+        # captions alone, then every valid sentence and phrase row in one packed call: fewer rows than queries, and
+        # fewer positions than the padded layout, but room for every real token
+        assert calls[0] == tuple(batch["input_ids"].shape) and len(calls) == 2
+        bins, width = calls[1]
+        assert bins < n_sent + n_phrase
+        assert int(sentence_tokens.sum() + phrase_tokens.sum()) <= bins * width
+        assert bins * width < n_sent * int(sentence_tokens.max()) + n_phrase * int(phrase_tokens.max())
+    else:
+        # one call per granularity, exactly the valid rows, each at its own longest real length
+        assert [c[0] for c in calls] == [3, n_sent, n_phrase]
+        assert calls[1][1] == int(sentence_tokens.max())
+        assert calls[2][1] == int(phrase_tokens.max())
     assert mask.shape == queries.shape[:2] == (3, 1 + batch["sentence_mask"].shape[1] + batch["phrase_mask"].shape[1])
     assert torch.all(queries[~mask] == 0)
 
@@ -255,8 +269,10 @@ def test_packed_encoding_equals_one_by_one_and_skips_absent_rows(beta_model, pro
         for k in batch["phrase_mask"][b].nonzero().flatten().tolist():
             expected = alone(batch["phrase_input_ids"][b, k], batch["phrase_attention_mask"][b, k])
             torch.testing.assert_close(queries[b, 1 + ks + k], expected, atol=1e-5, rtol=0)
-    # length buckets give the same embeddings
+    # length buckets (the padded layout) and a small packing capacity give the same embeddings
     beta_model.config.text_length_buckets = 3
+    beta_model.config.pack_query_texts = not pack
+    beta_model.config.query_pack_length = 4
     with torch.no_grad():
         _, bucketed, _ = beta_model.encode_queries(
             batch["input_ids"], batch["attention_mask"],
@@ -264,6 +280,50 @@ def test_packed_encoding_equals_one_by_one_and_skips_absent_rows(beta_model, pro
             batch["phrase_input_ids"], batch["phrase_attention_mask"], batch["phrase_mask"],
         )
     torch.testing.assert_close(bucketed, queries, atol=1e-5, rtol=0)
+
+
+def test_pack_rows_places_every_row_once_within_capacity():
+    lengths = [7, 3, 9, 1, 4, 4, 2, 8, 5]
+    bins = pack_rows(lengths, capacity=10)
+    assert sorted(r for b in bins for r in b) == list(range(len(lengths)))
+    assert all(sum(lengths[r] for r in b) <= 10 for b in bins)
+    assert len(bins) == math.ceil(sum(lengths) / 10)  # first-fit decreasing is tight here
+    assert pack_rows([12, 3], capacity=10) == [[0], [1]]  # a row longer than a bin gets its own
+    layout = packed_layout(torch.tensor([5, 5, 12]), capacity=10)  # capacity raised to the longest row
+    assert int(layout["num_bins"]) == 2 and int(layout["width"]) == 12
+    with pytest.raises(ValueError, match="capacity"):
+        pack_rows([1], capacity=0)
+
+
+def test_packed_queries_give_the_padded_losses_and_gradients(clip_model, processor):
+    """Packing changes the text tower's shapes only: losses and every gradient equal the padded layout's (fp64)."""
+    batch = _batch(processor, CAPTIONS)
+    results = []
+    for pack in (False, True):
+        torch.manual_seed(0)  # the same pooling block
+        model = BetaCLIPModel.from_clip(clip_model, pack_query_texts=pack).double()
+        output = model(**{k: v.double() if v.is_floating_point() else v for k, v in batch.items()}, return_loss=True)
+        output.loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        results.append((output, grads))
+    (padded, padded_grads), (packed, packed_grads) = results
+    for term in ("loss", "loss_global", "loss_beta_cal"):
+        torch.testing.assert_close(getattr(packed, term), getattr(padded, term), rtol=1e-10, atol=0)
+    assert packed_grads.keys() == padded_grads.keys()
+    for name, grad in padded_grads.items():
+        # rtol 1e-10 of the parameter's largest gradient (k_proj biases get float noise, mathematically zero)
+        torch.testing.assert_close(packed_grads[name], grad, rtol=0, atol=1e-10 * float(grad.abs().max()) + 1e-14)
+
+
+def test_packing_falls_back_for_attention_without_masks(beta_model):
+    assert beta_model.packs_query_texts()
+    beta_model.config.text_config._attn_implementation = "flash_attention_2"
+    assert not beta_model.packs_query_texts()
+    beta_model.config.text_config._attn_implementation = "sdpa"
+    beta_model.config.pack_query_texts = False
+    assert not beta_model.packs_query_texts()
+    with pytest.raises(ValueError, match="query_pack_length"):
+        BetaCLIPConfig(query_pack_length=0)
 
 
 def test_authors_padding_rows_are_reproducible(clip_model, processor):

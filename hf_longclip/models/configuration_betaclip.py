@@ -65,7 +65,16 @@ class BetaCLIPConfig(LongCLIPConfig):
         text_length_buckets (`int`, *optional*, defaults to 1):
             Sentences and phrases are encoded one granularity at a time, each at the length of its own longest
             valid row; with ``n > 1`` the valid rows of a granularity are sorted by length and encoded in ``n``
-            chunks, each at its own longest length (less padding, more calls).
+            chunks, each at its own longest length (less padding, more calls). Used when `pack_query_texts` is off.
+        pack_query_texts (`bool`, *optional*, defaults to `True`):
+            Encode the valid sentence and phrase rows packed: several rows end to end in one text-tower row, each
+            with its own position ids and a block-diagonal causal mask, pooled at its own end-of-text token. Only
+            real tokens are encoded (the padded layout is about 40% padding on ShareGPT4V-like captions); the
+            embeddings equal the unpacked ones up to float rounding. Needs an ``eager`` or ``sdpa`` text attention
+            (others fall back to the padded layout).
+        query_pack_length (`int`, *optional*, defaults to 64):
+            Tokens per packed text row (raised to the longest query row when smaller). Attention inside a packed
+            row is dense, so longer rows pack tighter but attend over more masked positions.
         tci_chunk_size (`int`, *optional*, defaults to 64):
             Images and texts per chunk when scoring text-conditioned image embeddings for retrieval (memory bound
             ``chunk^2 * projection_dim`` floats).
@@ -96,6 +105,8 @@ class BetaCLIPConfig(LongCLIPConfig):
     bce_mean_over_all_pairs: bool = False
     global_loss_gradient: str = "local_rows"
     text_length_buckets: int = 1
+    pack_query_texts: bool = True
+    query_pack_length: int = 64
     tci_chunk_size: int = 64
 
     def __post_init__(self, **kwargs):
@@ -121,6 +132,8 @@ class BetaCLIPConfig(LongCLIPConfig):
             raise ValueError(f"pooler_mlp_ratio must be > 0, got {self.pooler_mlp_ratio}")
         if self.text_length_buckets < 1:
             raise ValueError(f"text_length_buckets must be >= 1, got {self.text_length_buckets}")
+        if self.query_pack_length < 1:
+            raise ValueError(f"query_pack_length must be >= 1, got {self.query_pack_length}")
         if self.tci_chunk_size < 1:
             raise ValueError(f"tci_chunk_size must be >= 1, got {self.tci_chunk_size}")
         super().__post_init__(**kwargs)
