@@ -312,6 +312,34 @@ def test_packed_subcaptions_equal_one_by_one(mul_model, processor):
     assert torch.equal(embeds[~mask], torch.zeros_like(embeds[~mask]))
 
 
+def test_packed_short_captions_and_subcaptions_give_the_padded_losses_and_gradients(clip_model, processor):
+    """pack_texts only changes the text tower's shapes: every loss term and gradient equals the padded path's (fp64),
+    and the short captions and subcaptions go through one packed call with fewer positions than padding."""
+    batch = _batch(processor, CAPTIONS)
+    batch = {k: v.double() if v.is_floating_point() else v for k, v in batch.items()}
+    results = []
+    for pack in (False, True):
+        torch.manual_seed(0)
+        model = MulCLIPModel.from_clip(clip_model, pack_texts=pack).double()
+        calls = []
+        hook = model.text_model.embeddings.register_forward_pre_hook(
+            lambda module, args, kwargs: calls.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
+        )
+        output = model(**batch, return_loss=True)
+        hook.remove()
+        output.loss.backward()
+        results.append((output, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}, calls))
+    (padded, padded_grads, padded_calls), (packed, packed_grads, packed_calls) = results
+    assert len(padded_calls) == 3 and len(packed_calls) == 2  # caption, short, subcaptions -> caption, packed
+    padded_positions = padded_calls[1][0] * padded_calls[1][1] + padded_calls[2][0] * padded_calls[2][1]
+    assert packed_calls[1][0] * packed_calls[1][1] < padded_positions
+    for term in ("loss", "loss_global", "loss_summary", "loss_word", "loss_sub"):
+        torch.testing.assert_close(getattr(packed, term), getattr(padded, term), rtol=1e-10, atol=0)
+    assert packed_grads.keys() == padded_grads.keys()
+    for name, grad in padded_grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, rtol=0, atol=1e-10 * float(grad.abs().max()) + 1e-14)
+
+
 def test_gradients_reach_both_calibration_modules_and_backbone(mul_model, processor):
     mul_model.train()
     batch = _batch(processor, CAPTIONS)

@@ -58,6 +58,11 @@ class MulCLIPConfig(LongCLIPConfig):
         sub_aggregate_from (`str`, *optional*, defaults to `"calibrated"`):
             ``"calibrated"`` aggregates the calibrated visual tokens ``v'`` (a reviewer says SAP supervises ``v'``);
             ``"patches"`` aggregates the projected patch tokens directly.
+        pack_texts (`bool`, *optional*, defaults to `True`):
+            Encode the short captions and the valid subcaptions in one packed text-tower call (several rows per
+            tower row, each with its own position ids and a block-diagonal causal mask; only real tokens encoded).
+            The embeddings equal the padded encoding up to float rounding. Needs an ``eager`` or ``sdpa`` text
+            attention (others use the padded encoding).
         sub_gather (`bool`, *optional*, defaults to `True`):
             Under torch.distributed, use every rank's aggregated patches and subcaptions as negatives (all-gathered
             with gradient, local-loss form), like the global loss. False scores each rank's batch alone.
@@ -93,6 +98,7 @@ class MulCLIPConfig(LongCLIPConfig):
     sub_top_k: int | None = None
     sub_aggregate_from: str = "calibrated"
     sub_gather: bool = True
+    pack_texts: bool = True
     global_loss_weight: float | int = 1.0
     word_loss_weight: float | int = 1.0
     sub_loss_weight: float | int = 1.0

@@ -17,7 +17,6 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from .configuration_betaclip import BetaCLIPConfig
 from .losses_betaclip import BetaCALoss, global_contrastive_loss
 from .modeling_longclip import CLIPVariantOutput, EncoderRecorder, LongCLIPModel, resolve_output_flags
-from .packing import PACKABLE_ATTENTION, packed_text_hidden_states
 
 #: Upper bound of both logit scales: the authors clamp them to [0, 4.6052] (ln 100, rounded) after every step.
 MAX_LOGIT_SCALE = 4.6052
@@ -378,54 +377,8 @@ class BetaCLIPModel(LongCLIPModel):
 
     def packs_query_texts(self) -> bool:
         """Whether sentence and phrase rows are encoded packed (`config.pack_query_texts` and an attention
-        implementation that takes the packed mask)."""
-        attention = getattr(self.config.text_config, "_attn_implementation", None) or "eager"
-        return bool(self.config.pack_query_texts) and attention in PACKABLE_ATTENTION
-
-    def encode_packed_rows(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, capacity: int | None = None
-    ) -> torch.Tensor:
-        """Pooled projected embeddings of right-padded token rows, encoded packed (`hf_longclip.models.packing`).
-
-        Each row keeps its own position ids and sees only its own earlier tokens; it is pooled where transformers'
-        text tower pools it (its first end-of-text token, or its largest id for legacy configs whose
-        ``eos_token_id`` is 2). The result equals `encode_text_rows` up to float rounding.
-
-        Args:
-            input_ids (`torch.LongTensor` of shape `(n, L)`).
-            attention_mask (`torch.Tensor` of shape `(n, L)`, *optional*): real tokens (else up to the first
-                end-of-text token).
-            capacity (`int`, *optional*): tokens per packed row (default `config.query_pack_length`).
-
-        Returns:
-            `torch.FloatTensor` of shape `(n, projection_dim)`, not normalised.
-        """
-        return self._encode_packed_groups([(input_ids, attention_mask)], capacity)[0]
-
-    def _encode_packed_groups(
-        self, groups: list[tuple[torch.Tensor, torch.Tensor | None]], capacity: int | None = None
-    ) -> list[torch.Tensor]:
-        """`encode_packed_rows` of several `(input_ids, attention_mask)` groups (any widths) in one packed call."""
-        counts = [ids.shape[0] for ids, _ in groups]
-        width = max((ids.shape[1] for ids, _ in groups), default=0)
-        if sum(counts) == 0 or width == 0:
-            return [self.text_projection.weight.new_zeros(n, self.config.projection_dim) for n in counts]
-        eos = self.config.text_config.eos_token_id
-        all_ids, all_lengths, all_pool = [], [], []
-        for ids, att in groups:
-            lengths = self._row_lengths(ids, att).clamp(max=ids.shape[1])
-            pool = ids.argmax(-1) if eos in (None, 2) else (ids == eos).int().argmax(-1)
-            all_ids.append(F.pad(ids, (0, width - ids.shape[1])))
-            all_lengths.append(lengths)
-            all_pool.append(torch.minimum(pool, lengths - 1))
-        hidden = packed_text_hidden_states(
-            self.text_model,
-            torch.cat(all_ids),
-            torch.cat(all_lengths),
-            torch.cat(all_pool),
-            capacity or self.config.query_pack_length,
-        )
-        return list(self.text_projection(hidden).split(counts))
+        implementation that takes the packed mask, `can_pack_text`)."""
+        return bool(self.config.pack_query_texts) and self.can_pack_text()
 
     def _padding_query_embeds(self, caption_length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Embeddings of the authors' padded query rows (used only when padded CE columns stay unmasked).
@@ -511,7 +464,9 @@ class BetaCLIPModel(LongCLIPModel):
             granularities.append((mask, pad, ids[mask], None if att is None else att[mask]))
         if self.packs_query_texts():
             # sentences and phrases share one packed text-tower call
-            encoded = self._encode_packed_groups([(rows, att) for _, _, rows, att in granularities])
+            encoded = self.encode_packed_text_rows(
+                [(rows, att) for _, _, rows, att in granularities], cfg.query_pack_length
+            )
         else:
             encoded = [self.encode_text_rows(rows, att, cfg.text_length_buckets) for _, _, rows, att in granularities]
         for (mask, pad, _, _), rows in zip(granularities, encoded):

@@ -30,6 +30,7 @@ from transformers.utils import ModelOutput
 from .configuration_longclip import LONGCLIP_LOGIT_SCALE, LongCLIPConfig, check_saved_config, validate_stretch
 from .losses_common import gather_with_grad, local_contrastive_loss
 from .losses_longclip import pca_reconstruct
+from .packing import DEFAULT_PACK_LENGTH, PACKABLE_ATTENTION, packed_text_hidden_states
 
 TEXT_POSITION_KEY = "text_model.embeddings.position_embedding.weight"
 #: Options of `from_pretrained` that only say where a checkpoint comes from.
@@ -202,6 +203,34 @@ def check_pixel_values(
         raise ValueError(f"{what} hold NaN or infinite values ({_named_rows(bad, noun='image')})")
 
 
+def _is_row_sharded(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` is a DTensor (FSDP2 parameter); only row sharding on one mesh dimension is handled."""
+    if not (torch.distributed.is_available() and type(tensor).__name__ == "DTensor"):
+        return False
+    from torch.distributed.tensor import Shard
+
+    if tuple(tensor.placements) != (Shard(0),):
+        raise NotImplementedError(f"a position table sharded as {tensor.placements}; only Shard(0) is supported")
+    return True
+
+
+def _with_leading_rows(weight: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """A row-sharded DTensor `weight` with its first ``len(rows)`` rows replaced by `rows` (each process edits the
+    rows it holds; the chunking is FSDP2's, ``torch.chunk`` along dim 0)."""
+    from torch.distributed.tensor import DTensor
+
+    mesh = weight.device_mesh
+    local = weight.to_local().detach()
+    chunk = -(-weight.shape[0] // mesh.size())
+    start = mesh.get_local_rank() * chunk
+    end = min(start + local.shape[0], rows.shape[0])
+    if end > start:
+        local = local.clone()
+        local[: end - start] = rows[start:end].to(device=local.device, dtype=local.dtype)
+    return DTensor.from_local(local, mesh, weight.placements, run_check=False, shape=weight.shape,
+                              stride=weight.stride())
+
+
 class FrozenPrefixEmbedding(nn.Embedding):
     """An ``nn.Embedding`` whose first ``keep`` rows never change during training.
 
@@ -260,7 +289,12 @@ class FrozenPrefixEmbedding(nn.Embedding):
         key = prefix + "weight"
         if module.keep and key in state_dict and not module._needs_sync:
             weight = state_dict[key]
-            state_dict[key] = torch.cat([module.frozen_rows.to(weight.dtype), weight[module.keep :].detach()], dim=0)
+            if _is_row_sharded(weight):  # FSDP2: write the frozen rows into this process's rows of the table
+                state_dict[key] = _with_leading_rows(weight, module.frozen_rows)
+            else:
+                state_dict[key] = torch.cat(
+                    [module.frozen_rows.to(weight.dtype), weight[module.keep :].detach()], dim=0
+                )
         return state_dict
 
     @staticmethod
@@ -510,6 +544,52 @@ class LongCLIPModel(CLIPModel):
     def after_optimizer_step(self) -> None:
         """Called by the trainer after every optimiser step (e.g. to clamp a temperature). Default: nothing."""
 
+    # ------------------------------------------------------------------ sharding hooks (FSDP2, DeepSpeed ZeRO-3)
+    #: Methods besides `forward` that the trainer and the evaluation call on the whole model. Under FSDP2 each is
+    #: registered as a forward method, so the root's parameters are gathered around it.
+    sharded_entry_points: ClassVar[tuple[str, ...]] = (
+        "loss_features", "loss_from_features", "retrieval_image_features", "retrieval_text_features",
+        "retrieval_scores",
+    )
+
+    def sharding_units(self) -> list[nn.Module]:
+        """The submodules FSDP2 shards as units of their own, children before parents: every instance of a
+        `_no_split_modules` class (encoder layers, embeddings, head blocks) that has a ``forward``. A unit's parameters
+        are gathered only while its ``forward`` runs; everything else (projections, ``logit_scale``, parameter-only
+        heads) belongs to the root unit, gathered for a whole model call. A variant that reads a unit's parameters
+        outside that unit's ``forward`` leaves the unit out here."""
+        names = set(getattr(self, "_no_split_modules", None) or ())
+        units = [
+            module for module in self.modules()
+            if module is not self and type(module).__name__ in names and type(module).forward is not nn.Module.forward
+        ]
+        return units[::-1]  # modules() is parents first
+
+    def sharding_conflicts(self) -> list[str]:
+        """Why this model, as configured, cannot train with parameters sharded per module (FSDP2, DeepSpeed ZeRO-3);
+        empty when it can. Sharded training gathers a unit's parameters with a collective each time the unit runs,
+        so every process must run the same units the same number of times in every step, whatever its data."""
+        conflicts = []
+        if self.ddp_find_unused_parameters:
+            conflicts.append(
+                f"{type(self).__name__} can leave trainable parameters without a gradient on some processes "
+                "(ddp_find_unused_parameters)"
+            )
+        owners: dict[int, list[str]] = {}
+        for name, parameter in self.named_parameters(remove_duplicate=False):
+            owners.setdefault(id(parameter), []).append(name)
+        units = {id(unit): unit for unit in self.sharding_units()}
+        prefixes = [name for name, module in self.named_modules() if id(module) in units]
+
+        def unit_of(name: str) -> str:
+            found = [p for p in prefixes if name.startswith(p + ".")]
+            return max(found, key=len) if found else "<root>"
+
+        for names in owners.values():
+            if len({unit_of(n) for n in names}) > 1:
+                conflicts.append(f"parameter {names[0]} is shared with {', '.join(names[1:])} in another unit")
+        return conflicts
+
     def enable_checkpointing(self, towers: str = "all", checkpointing_kwargs: dict | None = None) -> None:
         """Recompute activations in the backward pass: of both towers (``towers="all"``, transformers' activation
         checkpointing) or of the text tower only (``"text"``: long captions and many query texts make text
@@ -597,6 +677,55 @@ class LongCLIPModel(CLIPModel):
         self.check_image_inputs(pixel_values)
         hidden = self.vision_model(pixel_values=pixel_values, return_dict=True).last_hidden_state
         return self.visual_projection(self.vision_model.post_layernorm(hidden))
+
+    def can_pack_text(self) -> bool:
+        """Whether the text tower's attention takes the block-diagonal mask of packed rows (eager or SDPA)."""
+        attention = getattr(self.config.text_config, "_attn_implementation", None) or "eager"
+        return attention in PACKABLE_ATTENTION
+
+    def encode_packed_text_rows(
+        self,
+        groups: Sequence[tuple[torch.Tensor, torch.Tensor | None]],
+        capacity: int = DEFAULT_PACK_LENGTH,
+    ) -> list[torch.Tensor]:
+        """Pooled projected (EOT) embeddings of groups of right-padded token rows, all encoded in one packed call.
+
+        Rows are packed end to end into text-tower rows of about `capacity` tokens (`hf_longclip.models.packing`):
+        each keeps its own position ids, sees only its own earlier tokens and is pooled where transformers' tower
+        pools it (its first end-of-text token; its largest id for legacy configs whose ``eos_token_id`` is 2), so the
+        embeddings equal `get_text_features` on each row up to float rounding, while only real tokens are encoded.
+        Needs `can_pack_text`.
+
+        Args:
+            groups: `(input_ids (n_i, L_i), attention_mask (n_i, L_i) or None)` pairs; without a mask a row ends at its
+                first end-of-text token.
+            capacity (`int`): tokens per packed row (raised to the longest row when smaller).
+
+        Returns:
+            one `torch.FloatTensor` of shape `(n_i, projection_dim)` per group, not normalised.
+        """
+        counts = [ids.shape[0] for ids, _ in groups]
+        width = max((ids.shape[1] for ids, _ in groups), default=0)
+        if sum(counts) == 0 or width == 0:
+            return [self.text_projection.weight.new_zeros(n, self.config.projection_dim) for n in counts]
+        eos = self.config.text_config.eos_token_id
+        end_of_text = self.config.text_config.vocab_size - 1 if eos in (None, 2) else eos
+        all_ids, all_lengths, all_pool = [], [], []
+        for ids, att in groups:
+            if att is not None:
+                lengths = att.to(torch.long).sum(-1).clamp(min=1)
+            else:
+                is_eos = ids == end_of_text
+                lengths = torch.where(is_eos.any(-1), is_eos.int().argmax(-1) + 1, ids.shape[1])
+            lengths = lengths.clamp(max=ids.shape[1])
+            pool = ids.argmax(-1) if eos in (None, 2) else (ids == eos).int().argmax(-1)
+            all_ids.append(F.pad(ids, (0, width - ids.shape[1])))
+            all_lengths.append(lengths)
+            all_pool.append(torch.minimum(pool, lengths - 1))
+        hidden = packed_text_hidden_states(
+            self.text_model, torch.cat(all_ids), torch.cat(all_lengths), torch.cat(all_pool), capacity
+        )
+        return list(self.text_projection(hidden).split(counts))
 
     def text_eot_index(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Position of each caption's end-of-text token: the last attended token of a right-padded row, or without a

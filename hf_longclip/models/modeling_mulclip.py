@@ -154,6 +154,12 @@ class MulCLIPModel(LongCLIPModel):
             mask = mask & attention_mask.to(torch.bool)
         return eot_embeds, tokens, mask, outputs
 
+    def sharding_conflicts(self) -> list[str]:
+        """Base conflicts, plus: a micro-batch without valid subcaptions skips the text tower's subcaption call, so
+        processes run the text tower a data-dependent number of times (`encode_subcaptions`)."""
+        return [*super().sharding_conflicts(), "MulCLIP encodes subcaptions only when a micro-batch has some, so the "
+                "number of text-tower calls per step depends on each process's data"]
+
     def encode_subcaptions(
         self,
         subcaption_input_ids: torch.Tensor,
@@ -173,6 +179,20 @@ class MulCLIPModel(LongCLIPModel):
         """
         if subcaption_input_ids.dim() != 3:
             raise ValueError(f"subcaption_input_ids must be (B, M, L), got shape {tuple(subcaption_input_ids.shape)}")
+        mask, ids, attn = self._valid_subcaptions(subcaption_input_ids, subcaption_attention_mask, subcaption_mask)
+        if ids.shape[0] == 0:
+            return self._scatter_subcaptions(mask, None), mask
+        if attn is not None:
+            length = int(attn.to(torch.long).sum(-1).max().clamp(min=1))
+            ids, attn = ids[:, :length], attn[:, :length]
+        features = self.get_text_features(input_ids=ids, attention_mask=attn, return_dict=True).pooler_output
+        return self._scatter_subcaptions(mask, features), mask
+
+    @staticmethod
+    def _valid_subcaptions(subcaption_input_ids, subcaption_attention_mask=None, subcaption_mask=None):
+        """`(slot mask (B, M), valid rows' ids (n, Ls), their attention mask or None)`."""
+        if subcaption_input_ids.dim() != 3:
+            raise ValueError(f"subcaption_input_ids must be (B, M, L), got shape {tuple(subcaption_input_ids.shape)}")
         batch, slots, _ = subcaption_input_ids.shape
         device = subcaption_input_ids.device
         mask = (
@@ -180,18 +200,15 @@ class MulCLIPModel(LongCLIPModel):
             if subcaption_mask is None
             else subcaption_mask.to(device=device, dtype=torch.bool)
         )
-        weight = self.text_projection.weight
-        embeds = weight.new_zeros(batch, slots, self.config.projection_dim)
-        if not bool(mask.any()):
-            return embeds, mask
-        ids = subcaption_input_ids[mask]
         attn = subcaption_attention_mask[mask] if subcaption_attention_mask is not None else None
-        if attn is not None:
-            length = int(attn.to(torch.long).sum(-1).max().clamp(min=1))
-            ids, attn = ids[:, :length], attn[:, :length]
-        features = self.get_text_features(input_ids=ids, attention_mask=attn, return_dict=True).pooler_output
-        embeds = embeds.masked_scatter(mask[..., None], F.normalize(features, dim=-1).to(embeds.dtype))
-        return embeds, mask
+        return mask, subcaption_input_ids[mask], attn
+
+    def _scatter_subcaptions(self, mask: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:
+        """L2-normalised `features` (n, D) of the valid slots in the `(B, M, D)` layout, zero rows elsewhere."""
+        embeds = self.text_projection.weight.new_zeros(*mask.shape, self.config.projection_dim)
+        if features is None or features.shape[0] == 0:
+            return embeds
+        return embeds.masked_scatter(mask[..., None], F.normalize(features, dim=-1).to(embeds.dtype))
 
     def calibrate(
         self, patch_tokens: torch.Tensor, text_tokens: torch.Tensor, text_mask: torch.Tensor | None = None
@@ -286,7 +303,24 @@ class MulCLIPModel(LongCLIPModel):
             "image_embeds": F.normalize(cls_embeds, dim=-1),
             "text_embeds": F.normalize(eot_embeds, dim=-1),
         }
-        if short_input_ids is not None:
+        packed_subcaptions = None
+        if cfg.pack_texts and self.can_pack_text() and (short_input_ids is not None or subcaption_input_ids is not None):
+            # short captions and subcaptions: one packed text-tower call over their real tokens
+            groups = []
+            if short_input_ids is not None:
+                self.check_text_inputs(short_input_ids, short_attention_mask)
+                groups.append((short_input_ids, short_attention_mask))
+            if subcaption_input_ids is not None:
+                sub_mask, sub_ids, sub_attn = self._valid_subcaptions(
+                    subcaption_input_ids, subcaption_attention_mask, subcaption_mask
+                )
+                groups.append((sub_ids, sub_attn))
+            encoded = self.encode_packed_text_rows(groups)
+            if short_input_ids is not None:
+                features["short_text_embeds"] = F.normalize(encoded.pop(0), dim=-1)
+            if subcaption_input_ids is not None:
+                packed_subcaptions = (self._scatter_subcaptions(sub_mask, encoded.pop(0)), sub_mask)
+        elif short_input_ids is not None:
             features["short_text_embeds"] = self.encode_text(short_input_ids, short_attention_mask)
         if calibrate or subcaption_input_ids is not None:
             calibrated_image, calibrated_text = self.calibrate(patch_tokens, token_features, word_mask)
@@ -297,7 +331,9 @@ class MulCLIPModel(LongCLIPModel):
                 word_sample_mask=word_mask.any(-1),
             )
         if subcaption_input_ids is not None:
-            sub_embeds, sub_mask = self.encode_subcaptions(subcaption_input_ids, subcaption_attention_mask, subcaption_mask)
+            sub_embeds, sub_mask = packed_subcaptions or self.encode_subcaptions(
+                subcaption_input_ids, subcaption_attention_mask, subcaption_mask
+            )
             source = features["calibrated_image_tokens"] if cfg.sub_aggregate_from == "calibrated" else patch_tokens
             features.update(
                 subcaption_embeds=sub_embeds,

@@ -22,6 +22,8 @@ from torch import nn
 
 #: attention implementations that take an additive `(batch, 1, query, key)` float mask
 PACKABLE_ATTENTION = frozenset({"eager", "sdpa"})
+#: default tokens per packed text row
+DEFAULT_PACK_LENGTH = 64
 
 
 def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -137,4 +139,4 @@ def packed_text_hidden_states(
     return hidden[row_bin, row_offset + pool_index]
 
 
-__all__ = ["PACKABLE_ATTENTION", "pack_rows", "packed_layout", "packed_text_hidden_states"]
+__all__ = ["DEFAULT_PACK_LENGTH", "PACKABLE_ATTENTION", "pack_rows", "packed_layout", "packed_text_hidden_states"]
