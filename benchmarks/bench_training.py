@@ -1,17 +1,25 @@
-"""Training throughput and peak memory of every variant through the real training script, and the quickstart's
-wall time.
+"""Training step time and peak memory of every variant against a stock CLIP step, with a per-part breakdown; the
+training script's throughput; and the quickstart's wall time.
 
-Each variant runs the trainer (``hf_longclip.training.main``) in its own subprocess (peak memory per variant) on the
-same data: a randomly initialised ViT-B/16-shaped CLIP (12 + 12 layers, width 768 / 512, 224 px, 248 text positions
-after the stretch), saved to a temporary folder as a stock CLIP checkpoint, and JSONL pairs of 224 px scene images
-with ShareGPT4V-like long captions (8 sentences, about 150 tokens). Reported per variant: the median step time after
-the first step (data loading + forward + backward + AdamW), samples/s, and the process's peak RSS.
+All runs use the same data: a randomly initialised ViT-B/16-shaped CLIP (12 + 12 layers, width 768 / 512, 224 px,
+248 text positions after the stretch), saved to a temporary folder as a stock CLIP checkpoint, and JSONL pairs of
+224 px scene images with ShareGPT4V-like long captions (8 sentences, about 150 tokens).
+
+* **Model steps** (default): each variant, and a stock transformers ``CLIPModel`` with a 248-row position table
+  (InfoNCE on the long captions: the floor), runs in its own subprocess (peak RSS per variant) on batches from the
+  variant's own collator (beta-CLIP's hierarchy parsed with spaCy). Reported: the median step time after a warm-up
+  step (forward + backward + AdamW), peak RSS, both as ratios to the stock step of the same run, and from one more
+  profiled step the per-part breakdown (``step_profile.py``): image tower, text tower, heads, loss & glue and
+  optimiser time, and the activations each part saves for the backward pass.
+* **Training script** (``--trainer``): each variant through ``hf_longclip.training.main`` (data loading included):
+  median step time after the first, samples/s, peak RSS.
 
 Usage::
 
-    python benchmarks/bench_training.py                     # all variants, batch 16, 4 steps each, fp32 CPU
-    python benchmarks/bench_training.py --variants longclip,finelip --steps 3
+    python benchmarks/bench_training.py                     # model steps: stock + every variant, batch 16, fp32 CPU
+    python benchmarks/bench_training.py --variants longclip,betaclip --batch-size 8 --steps 2
     python benchmarks/bench_training.py --variants longclip,fixclip --extra fixclip-drop fixclip '{"masked_patches": "drop"}'
+    python benchmarks/bench_training.py --trainer --no-steps   # the training script only
     python benchmarks/bench_training.py --quickstart-only   # only the quickstart's wall time
     python benchmarks/bench_training.py --tiny              # small shapes: a smoke test in seconds
 
@@ -133,6 +141,123 @@ def bench_variants(args) -> None:
                 f"{r[0]} {r[1] / base[1]:.2f}x / {r[3] / base[3]:.2f}x" for r in rows))
 
 
+#: Runs in the child: direct training steps of one model on the variant's batches, then one profiled step.
+STEP_CHILD = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from bench_training import step_child
+print("BENCH " + json.dumps(step_child(*sys.argv[2:])))
+"""
+
+
+def step_child(label: str, variant: str, fields: str, base: str, table: str, batch_size: str, steps: str,
+               device: str) -> dict:
+    """One model's step time, peak memory and per-part breakdown (runs in its own process)."""
+    import resource
+    import statistics
+
+    import torch
+    from PIL import Image
+    from transformers import CLIPConfig, CLIPModel
+
+    from hf_longclip.models.processing_longclip import LongCLIPProcessor
+    from step_profile import StepProfiler
+
+    torch.manual_seed(0)
+    batch_size, steps = int(batch_size), int(steps)
+    records = [json.loads(line) for line in Path(table).read_text().splitlines()][:batch_size]
+    processor = LongCLIPProcessor.from_clip(base)
+    examples = [{"image": Image.open(r["image"]).convert("RGB"), "caption": r["caption"], "id": i}
+                for i, r in enumerate(records)]
+    if variant == "stock":
+        collator = VARIANTS["longclip"].make_collator(processor, seed=0)
+        config = CLIPConfig.from_pretrained(base)
+        config.text_config.max_position_embeddings = 248
+        model = CLIPModel(config)
+        keep = ("pixel_values", "input_ids", "attention_mask")
+    else:
+        entry = VARIANTS[variant]
+        if entry.record_fields:
+            from hf_longclip.text import parse_hierarchies
+
+            for example, parsed in zip(examples, parse_hierarchies([e["caption"] for e in examples])):
+                example.update({k: parsed[k] for k in entry.record_fields if k in parsed})
+        collator = entry.make_collator(processor, seed=0)
+        model = entry.model_class.from_clip(base, **json.loads(fields))
+        keep = None
+    batch = collator(examples)
+    batch = {k: v.to(device) for k, v in batch.items() if keep is None or k in keep}
+    model = model.train().to(device)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+    after = getattr(model, "after_optimizer_step", None)
+
+    def sync():
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        loss = model(**batch, return_loss=True).loss
+        loss.backward()
+        optimizer.step()
+        if after is not None:
+            after()
+        return loss
+
+    times = []
+    for i in range(steps + 1):  # the first step is a warm-up
+        sync()
+        start = time.perf_counter()
+        step()
+        sync()
+        if i:
+            times.append(time.perf_counter() - start)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if device.startswith("cuda"):
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    profiler = StepProfiler(model, device)
+    profiler.step(batch, optimizer, after)
+    return {"label": label, "step_s": statistics.median(times), "peak_mib": peak, "parts": profiler.report(),
+            "text_positions": text_positions(batch)}
+
+
+def text_positions(batch: dict) -> int:
+    """Token positions of the batch's text tensors as collated (padding included)."""
+    return sum(int(v.numel()) for k, v in batch.items() if k.endswith("input_ids"))
+
+
+def bench_steps(args) -> None:
+    from step_profile import format_breakdown
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        make_base_model(tmp / "base", args.tiny)
+        table = make_pairs(tmp / "data", args.batch_size, 64 if args.tiny else 224)
+        runs = [("stock CLIP", "stock", {})] + [(variant, variant, {}) for variant in args.variants]
+        runs += [(label, variant, json.loads(fields)) for label, variant, fields in args.extra]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        results = []
+        for label, variant, fields in runs:
+            if args.tiny and variant != "stock":
+                fields = {**dict(VARIANTS[variant].tiny_config), **fields}
+            cmd = [sys.executable, "-c", STEP_CHILD, str(ROOT / "benchmarks"), label, variant, json.dumps(fields),
+                   str(tmp / "base"), str(table), str(args.batch_size), str(args.steps), args.device]
+            done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if done.returncode != 0:
+                raise RuntimeError(done.stderr[-4000:])
+            result = json.loads([l for l in done.stdout.splitlines() if l.startswith("BENCH ")][-1][6:])
+            results.append(result)
+            stock = results[0]
+            print(f"{label:14s} step {result['step_s']:7.2f} s ({result['step_s'] / stock['step_s']:.2f}x stock)  "
+                  f"peak {result['peak_mib']:7.0f} MiB ({result['peak_mib'] / stock['peak_mib']:.2f}x stock)  "
+                  f"text positions {result['text_positions']}", flush=True)
+        print("per-part breakdown of one profiled step (time share; activations saved for backward):")
+        for result in results:
+            print(format_breakdown(result["label"], result["parts"]))
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=1))
+
+
 def bench_quickstart() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
@@ -160,6 +285,10 @@ def main() -> None:
     )
     parser.add_argument("--quickstart-only", action="store_true")
     parser.add_argument("--no-quickstart", action="store_true")
+    parser.add_argument("--trainer", action="store_true", help="also time the training script (data loading included)")
+    parser.add_argument("--no-steps", action="store_true", help="skip the model-step comparison")
+    parser.add_argument("--device", default="cpu", help="model steps: cpu or cuda")
+    parser.add_argument("--json", default=None, help="model steps: also write the results here")
     args = parser.parse_args()
     args.variants = [v for v in args.variants.split(",") if v]
     unknown = set(args.variants) - set(VARIANTS)
@@ -169,7 +298,9 @@ def main() -> None:
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, "
           f"{'tiny' if args.tiny else 'ViT-B/16'} shapes, fp32 CPU")
-    if not args.quickstart_only:
+    if not args.quickstart_only and not args.no_steps:
+        bench_steps(args)
+    if not args.quickstart_only and args.trainer:
         bench_variants(args)
     if not args.no_quickstart:
         bench_quickstart()
