@@ -534,3 +534,25 @@ def test_a_sixth_variant_is_picked_up_from_its_registry_entry(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
     assert "SIXTH_OK" in result.stdout, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_text_reaches_the_towers_at_its_own_length_never_at_248(name, processor):
+    """No collator, processor or head pads text to the 248-token table: every text-tower call of a training step is
+    at most as wide as the batch's longest text of its kind (packed rows: at most the packing capacity)."""
+    model, _, batch = _model_and_batch(name, processor)
+    text_keys = [k for k in batch if k.endswith("input_ids")]
+    widths = {k: batch[k].shape[-1] for k in text_keys}
+    for key in text_keys:
+        mask = batch[key.replace("input_ids", "attention_mask")]
+        assert widths[key] == int(mask.sum(-1).max()), f"{key} is padded past its longest row"
+    calls = []
+    hook = model.text_model.embeddings.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(kwargs["input_ids"].shape[-1]), with_kwargs=True
+    )
+    try:
+        model(**batch, return_loss=True).loss.backward()
+    finally:
+        hook.remove()
+    longest = max(max(widths.values()), 64)  # 64: the default packing capacity
+    assert calls and max(calls) <= longest < 248
