@@ -556,3 +556,46 @@ def test_text_reaches_the_towers_at_its_own_length_never_at_248(name, processor)
         hook.remove()
     longest = max(max(widths.values()), 64)  # 64: the default packing capacity
     assert calls and max(calls) <= longest < 248
+
+
+def _step_with_saved_bytes(model, batch):
+    """Loss terms, gradients and the bytes autograd saved for backward (parameters excluded) of one step."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(0)  # Fix-CLIP's patch masks
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        output = model(**batch, return_loss=True)
+    output.loss.backward()
+    terms = {k: v.detach() for k, v in output.items() if k.startswith("loss") and isinstance(v, torch.Tensor)}
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return terms, grads, sum(seen.values())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_memory_efficient_quick_gelu_keeps_losses_and_gradients_and_saves_less(name, processor):
+    from hf_longclip.models.activations import use_memory_efficient_activations
+
+    model, _, batch = _model_and_batch(name, processor)
+    layers = len(model.text_model.encoder.layers) + len(model.vision_model.encoder.layers)
+    assert use_memory_efficient_activations(model, False) == layers  # on by default, in every tower MLP
+    terms, grads, saved = _step_with_saved_bytes(model, batch)
+    assert use_memory_efficient_activations(model, True) == layers
+    new_terms, new_grads, new_saved = _step_with_saved_bytes(model, batch)
+    assert new_terms.keys() == terms.keys() and new_grads.keys() == grads.keys()
+    for key, value in terms.items():
+        torch.testing.assert_close(new_terms[key], value, rtol=1e-5, atol=1e-7)
+    scale = max(float(g.abs().max()) for g in grads.values())
+    for key, value in grads.items():
+        # rel 1e-5 per parameter, with a floor at 1e-6 of the largest gradient: the attention key biases' gradients
+        # are zero in exact arithmetic (softmax ignores a per-query constant) and float noise in practice
+        error = float((new_grads[key] - value).norm())
+        assert error <= 1e-5 * float(value.norm()) + 1e-6 * scale, (key, error, float(value.norm()))
+    assert new_saved < saved

@@ -30,6 +30,7 @@ from transformers.utils import ModelOutput
 from .configuration_longclip import LONGCLIP_LOGIT_SCALE, LongCLIPConfig, check_saved_config, validate_stretch
 from .losses_common import gather_with_grad, local_contrastive_loss
 from .losses_longclip import pca_reconstruct
+from .activations import use_memory_efficient_activations
 from .packing import DEFAULT_PACK_LENGTH, PACKABLE_ATTENTION, packed_text_hidden_states
 
 TEXT_POSITION_KEY = "text_model.embeddings.position_embedding.weight"
@@ -514,6 +515,8 @@ class LongCLIPModel(CLIPModel):
         frozen.weight = old.weight  # keep the initialised parameter; only the forward changes
         frozen.frozen_rows = frozen.frozen_rows.to(device=old.weight.device, dtype=old.weight.dtype)
         embeddings.position_embedding = frozen
+        # Same outputs as transformers' QuickGELU, a third fewer MLP activations kept for backward (activations.py).
+        use_memory_efficient_activations(self)
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -535,6 +538,14 @@ class LongCLIPModel(CLIPModel):
     def backbone_state_dict(self) -> dict[str, torch.Tensor]:
         """The stock-CLIP part of the state dict (frozen rows merged into the one position table)."""
         return {k: v.detach() for k, v in self.state_dict().items() if not self.is_head_parameter(k)}
+
+    def merge_frozen_rows(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Write the frozen position rows into `state_dict` (whole tensors, e.g. gathered by DeepSpeed ZeRO-3, which
+        reads the parameters directly and so bypasses the `state_dict()` hook that does this); returns it."""
+        for name, module in self.named_modules():
+            if isinstance(module, FrozenPrefixEmbedding):
+                FrozenPrefixEmbedding._merge_into_state_dict(module, state_dict, f"{name}." if name else "", None)
+        return state_dict
 
     # ------------------------------------------------------------------ training hooks (the trainer calls these)
     def training_loss_kwargs(self, step: int, steps_per_epoch: int) -> dict[str, Any]:
