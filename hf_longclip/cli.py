@@ -1,5 +1,5 @@
-"""The ``hf-longclip`` command: the ``train``, ``convert``, ``stretch``, ``export``, ``evaluate``, ``push`` and
-``generate`` sub-commands, and ``--version``.
+"""The ``hf-longclip`` command: the ``train``, ``convert``, ``stretch``, ``export``, ``evaluate``, ``push``,
+``generate``, ``make-shards`` and ``build-index`` sub-commands, and ``--version``.
 
 Sub-commands are registered in :data:`SUBCOMMANDS`; a handler reports bad input by raising :class:`CommandError`
 (one ``error: ...`` line, exit status 1). ``hf-longclip train ...`` hands its words to the training entry point
@@ -570,6 +570,103 @@ def _run_generate(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------------- make-shards
+def _add_make_shards(subparsers) -> None:
+    p = subparsers.add_parser(
+        "make-shards",
+        help="write a ShareGPT4V JSON or a caption table (JSONL/JSON/CSV/TSV) as webdataset tar shards for training",
+        description="Reads the captions as training does (a ShareGPT4V file gives its --split, by default the "
+        "entries after the --holdout head), leaves out records with a bad caption or id or a missing, empty or "
+        "oversized image file (counted per reason), shuffles them (--seed; --no-shuffle keeps the order) and writes "
+        "OUT/00000.tar, 00001.tar, ... (each written under a temporary name, then renamed) holding <key>.<image "
+        "ext> (the file's bytes), <key>.txt and <key>.json (caption, id, short caption; beta-CLIP's parsed "
+        "hierarchy with --parse-hierarchy). Prints the shards, samples and skips, and the --train_data value.",
+    )
+    p.add_argument("--input", required=True, help="ShareGPT4V JSON, or a .jsonl / .json / .csv / .tsv caption table")
+    p.add_argument("--format", default="auto", choices=["auto", "sharegpt4v", "jsonl", "json", "csv", "tsv"],
+                   help="format of --input (default: from its name and content)")
+    p.add_argument("--image-root", default=None, help="folder relative image paths start from (default: the file's)")
+    p.add_argument("--out", required=True, help="output folder (created)")
+    p.add_argument("--samples-per-shard", type=int, default=10000,
+                   help="the most samples in a shard; samples are spread evenly over the shards (default 10000)")
+    p.add_argument("--split", default="train", choices=["train", "holdout", "all"],
+                   help="ShareGPT4V: which entries (default train: all but the --holdout head, as training reads it)")
+    p.add_argument("--holdout", type=int, default=1000, help="ShareGPT4V: size of the held-out head (default 1000)")
+    p.add_argument("--image-column", default="image", help="caption tables: image column (default image)")
+    p.add_argument("--caption-column", default="caption", help="caption tables: caption column (default caption)")
+    p.add_argument("--short-caption-column", default="short_caption", help="caption tables: short caption column")
+    p.add_argument("--parse-hierarchy", action="store_true",
+                   help="parse beta-CLIP's sentences and phrases once with spaCy and store them (needs [text])")
+    p.add_argument("--workers", type=int, default=1, help="spaCy processes for --parse-hierarchy (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the shuffle before writing (default 0)")
+    p.add_argument("--no-shuffle", action="store_true", help="keep the input order")
+    p.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
+    p.add_argument("--max-image-bytes", type=int, default=256 * 1024 * 1024,
+                   help="image files larger than this are left out (default 256 MiB)")
+    p.set_defaults(handler=_run_make_shards)
+
+
+def _run_make_shards(args) -> int:
+    from .data.shards import make_shards
+
+    if args.samples_per_shard < 1 or args.workers < 1 or args.holdout < 0:
+        raise CommandError("--samples-per-shard and --workers must be >= 1 and --holdout >= 0")
+    try:
+        report = make_shards(
+            args.input, args.out, args.samples_per_shard, data_format=args.format, image_root=args.image_root,
+            split=args.split, holdout=args.holdout, image_column=args.image_column,
+            caption_column=args.caption_column, short_caption_column=args.short_caption_column or None,
+            parse_hierarchy=args.parse_hierarchy, workers=args.workers,
+            shuffle_seed=None if args.no_shuffle else args.seed, overwrite=args.overwrite,
+            max_image_bytes=args.max_image_bytes, progress=sys.stderr.isatty(),
+        )
+    except (ValueError, OSError, ImportError) as error:  # ImportError: --parse-hierarchy without the text extra
+        raise CommandError(_one_line(error)) from error
+    print(report.summary())
+    if not report.samples:
+        raise CommandError(f"no sample of {args.input} could be written")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- build-index
+def _add_build_index(subparsers) -> None:
+    p = subparsers.add_parser(
+        "build-index",
+        help="build (or check) the memory-mapped record index of a ShareGPT4V JSON or caption table before training",
+        description="Reads the file as training does and writes its record index to the cache (docs/data.md, Large "
+        "data sets: the record index), so the first run on a new machine or a multi-node launch does not wait for "
+        "it. Prints the index file, the number of records and the time; an index that is already up to date is "
+        "only opened.",
+    )
+    p.add_argument("--input", required=True, help="ShareGPT4V JSON, or a .jsonl / .json / .csv / .tsv caption table")
+    p.add_argument("--format", default="auto", choices=["auto", "sharegpt4v", "jsonl", "json", "csv", "tsv"],
+                   help="format of --input (default: from its name and content)")
+    p.add_argument("--index-dir", default=None,
+                   help="cache folder (default: $HF_LONGCLIP_INDEX_DIR or ~/.cache/hf_longclip/index)")
+    p.add_argument("--image-column", default="image", help="caption tables: image column (default image)")
+    p.add_argument("--caption-column", default="caption", help="caption tables: caption column (default caption)")
+    p.add_argument("--short-caption-column", default="short_caption", help="caption tables: short caption column")
+    p.add_argument("--rebuild", action="store_true", help="build again even if an up-to-date index exists")
+    p.set_defaults(handler=_run_build_index)
+
+
+def _run_build_index(args) -> int:
+    from .data.index import open_record_index
+
+    try:
+        index = open_record_index(
+            args.input, None if args.format == "auto" else args.format, image_column=args.image_column,
+            caption_column=args.caption_column, short_caption_column=args.short_caption_column or None,
+            index_dir=args.index_dir, rebuild=args.rebuild,
+        )
+    except (ValueError, OSError, ImportError) as error:
+        raise CommandError(_one_line(error)) from error
+    info = index.info
+    print(f"{'built' if info['built'] else 'up to date'}: {index.file} ({len(index)} records, "
+          f"{info['bytes'] / 2**20:.1f} MiB; {info['seconds']:.1f} s)")
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------- train
 def _add_train(subparsers) -> None:
     # Listed here for `hf-longclip --help`; `main` hands everything after "train" to the trainer's own parser.
@@ -588,6 +685,8 @@ SUBCOMMANDS: dict[str, Callable] = {
     "evaluate": _add_evaluate,
     "push": _add_push,
     "generate": _add_generate,
+    "make-shards": _add_make_shards,
+    "build-index": _add_build_index,
 }
 
 

@@ -15,6 +15,7 @@ from .sources import (
     read_caption_table,
     read_sharegpt4v,
 )
+from .shards import TarShardDataset, TarShardSource, make_shards, write_shards
 from .dataset import (
     BadSampleError,
     IterableLongCaptionDataset,
@@ -26,6 +27,7 @@ from .dataset import (
     make_dataloader,
     validate_records,
 )
+from .index import RecordIndex, open_record_index
 
 __all__ = [
     "BetaCLIPCollator",
@@ -33,6 +35,7 @@ __all__ = [
     "FixCLIPCollator",
     "LongCLIPCollator",
     "MulCLIPCollator",
+    "RecordIndex",
     "build_clip_tokenizer",
     "BadImageError",
     "BadSampleError",
@@ -42,6 +45,8 @@ __all__ = [
     "SkipCounter",
     "SkipCountingCollator",
     "SkippedSample",
+    "TarShardDataset",
+    "TarShardSource",
     "TrainTransform",
     "TrainingSourceSpec",
     "ValidationReport",
@@ -49,9 +54,12 @@ __all__ = [
     "load_hf_dataset",
     "load_image",
     "make_dataloader",
+    "make_shards",
+    "open_record_index",
     "open_training_source",
     "read_caption_table",
     "read_sharegpt4v",
     "transform_from_processor",
     "validate_records",
+    "write_shards",
 ]

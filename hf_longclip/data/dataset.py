@@ -226,7 +226,8 @@ class LongCaptionDataset(Dataset):
     variant collator in `SkipCountingCollator` to drop and count those. Captions go through `normalise_caption`.
 
     Args:
-        records: a sequence of mappings (e.g. from `read_sharegpt4v`) or a `datasets.Dataset`.
+        records: a sequence of mappings (e.g. from `read_sharegpt4v`; a memory-mapped `RecordIndex` from
+            `hf_longclip.data.index`) or a `datasets.Dataset`.
         transform (*optional*): PIL image -> ``(3, H, W)`` tensor (see `transforms`); `None` returns the PIL image
             as ``"image"`` for the collator's processor.
         image_column / caption_column / short_caption_column / id_column (`str`): record keys. Without an id the
@@ -407,6 +408,10 @@ class IterableLongCaptionDataset(IterableDataset):
         self.epoch = epoch
         if hasattr(self.records, "set_epoch"):
             self.records.set_epoch(epoch)
+
+    def skip_batches(self, count: int, batch_size: int) -> None:
+        """The reader of the next iterator drops its first `count` batches (resuming inside an epoch). Nothing to
+        prepare here: they are read in full. (`shards.TarShardDataset` skips them without decoding.)"""
 
     def _indexed_records(self) -> Iterator[tuple[Any, Any, Mapping[str, Any], bool]]:
         """``(index, default id, record, whether index is unique)`` for this (rank, worker)'s shard."""
@@ -711,6 +716,11 @@ def validate_records(
     Returns:
         `ValidationReport`.
     """
+    from .index import is_record_index
+
+    if is_record_index(records) and (image_column, caption_column, id_column) == ("image", "caption", "id"):
+        # reads no record without check_files: the index judged lines, captions and ids when it was built
+        return records.validate(strict, check_files, image_root, max_examples, max_image_bytes)
     report_counts: Counter[str] = Counter()
     examples: list[SkippedSample] = []
     total = 0

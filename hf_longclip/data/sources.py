@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 RECORD_KEYS = ("image", "caption", "short_caption", "id")
 
 #: Formats `open_training_source` understands.
-SOURCE_FORMATS = ("auto", "sharegpt4v", "jsonl", "json", "csv", "tsv", "hf")
+SOURCE_FORMATS = ("auto", "sharegpt4v", "jsonl", "json", "csv", "tsv", "hf", "webdataset")
 
 _TABLE_EXTENSIONS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv"}
 _HF_FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".jsonl": "json", ".json": "json", ".csv": "csv"}
@@ -161,21 +161,21 @@ def read_sharegpt4v(
     root = json_path.parent if image_root is None else image_root
     bounds = {"train": (holdout, len(entries)), "holdout": (0, min(holdout, len(entries))), "all": (0, len(entries))}
     start, stop = bounds[split]
-    records = []
-    for index in range(start, stop):
-        entry = entries[index] if isinstance(entries[index], Mapping) else {}
-        caption = sharegpt4v_caption(entry.get("conversations"))
-        if isinstance(caption, str):
-            caption = caption.replace("\n", " ")
-        records.append(
-            {
-                "image": resolve_image_path(entry.get("image"), root),
-                "caption": caption,
-                "short_caption": None,
-                "id": index,
-            }
-        )
-    return records
+    return [_sharegpt4v_record(entries[index], index, root) for index in range(start, stop)]
+
+
+def _sharegpt4v_record(entry: Any, index: int, root: str | os.PathLike) -> dict[str, Any]:
+    """The record of entry `index` of a ShareGPT4V file (shared by `read_sharegpt4v` and the record index)."""
+    entry = entry if isinstance(entry, Mapping) else {}
+    caption = sharegpt4v_caption(entry.get("conversations"))
+    if isinstance(caption, str):
+        caption = caption.replace("\n", " ")
+    return {
+        "image": resolve_image_path(entry.get("image"), root),
+        "caption": caption,
+        "short_caption": None,
+        "id": index,
+    }
 
 
 def _iter_table_rows(
@@ -290,10 +290,33 @@ def read_caption_table(
     if kind not in ("jsonl", "json", "csv", "tsv"):
         raise ValueError(f"{path}: cannot tell the table format from the extension; pass file_format=")
     root = path.parent if image_root is None else image_root
+    rows = list(_checked_table_rows(path, kind, image_column, caption_column))
+    explicit = [row.get(id_column) for _, row, _ in rows if row is not None and id_column]
+    base = generated_id_base(ident for ident in explicit if not _is_missing_id(ident))
+    records = [
+        _table_record(path, where, row, problem, base + index, root, image_column, caption_column,
+                      short_caption_column, id_column)
+        for index, (where, row, problem) in enumerate(rows)
+    ]
+    _log_read_problems(path, [f"{where} ({problem})" for where, row, problem in rows if row is None])
+    return records
+
+
+def _checked_table_rows(
+    path: Path,
+    kind: str,
+    image_column: str,
+    caption_column: str,
+    rows: Iterable[tuple[str, dict[str, Any] | None, str | None]] | None = None,
+) -> Iterator[tuple[str, dict[str, Any] | None, str | None]]:
+    """`_iter_table_rows` (or `rows`, the same triples from elsewhere) with the required columns checked: missing
+    from the first object, a `ValueError` (a wrong column name); missing from a later one, that row becomes a
+    problem (bad data)."""
     required = (image_column, caption_column)
-    rows: list[tuple[str, dict[str, Any] | None, str | None]] = []
     first = True
-    for where, row, problem in _iter_table_rows(path, kind, required if kind in ("csv", "tsv") else ()):
+    if rows is None:
+        rows = _iter_table_rows(path, kind, required if kind in ("csv", "tsv") else ())
+    for where, row, problem in rows:
         if row is not None:
             missing = [column for column in required if column not in row]
             if missing and first:
@@ -303,36 +326,47 @@ def read_caption_table(
             if missing:
                 row, problem = None, f"no {missing[0]!r} key"
             first = False
-        rows.append((where, row, problem))
+        yield where, row, problem
 
-    explicit = [row.get(id_column) for _, row, _ in rows if row is not None and id_column]
-    base = generated_id_base(ident for ident in explicit if not _is_missing_id(ident))
-    records: list[dict[str, Any]] = []
-    problems: list[str] = []
-    for index, (where, row, problem) in enumerate(rows):
-        if row is None:
-            problems.append(f"{where} ({problem})")
-            records.append({"image": None, "caption": None, "short_caption": None, "id": base + index,
-                            READ_ERROR_KEY: f"{path}, {where}: {problem}"})
-            continue
-        short = row.get(short_caption_column) if short_caption_column else None
-        ident = row.get(id_column) if id_column else None
-        records.append(
-            {
-                "image": resolve_image_path(row[image_column], root),
-                "caption": row[caption_column],
-                "short_caption": short if isinstance(short, str) and short.strip() else None,
-                "id": base + index if _is_missing_id(ident) else ident,
-            }
-        )
-    if problems:
+
+def _table_record(
+    path: Path,
+    where: str,
+    row: dict[str, Any] | None,
+    problem: str | None,
+    generated_id: Any,
+    root: str | os.PathLike,
+    image_column: str,
+    caption_column: str,
+    short_caption_column: str | None,
+    id_column: str | None,
+) -> dict[str, Any]:
+    """The record of one table row (`generated_id`: its id when it states none); an unreadable row (`row` None)
+    gives a record carrying `READ_ERROR_KEY`. Shared by `read_caption_table` and the record index."""
+    if row is None:
+        return {"image": None, "caption": None, "short_caption": None, "id": generated_id,
+                READ_ERROR_KEY: f"{path}, {where}: {problem}"}
+    short = row.get(short_caption_column) if short_caption_column else None
+    ident = row.get(id_column) if id_column else None
+    return {
+        "image": resolve_image_path(row[image_column], root),
+        "caption": row[caption_column],
+        "short_caption": short if isinstance(short, str) and short.strip() else None,
+        "id": generated_id if _is_missing_id(ident) else ident,
+    }
+
+
+def _log_read_problems(path: Path, problems: list[str], count: int | None = None) -> None:
+    """The one warning per file naming its unreadable rows (``"line 7 (invalid JSON ...)"``): the first
+    `_LOGGED_READ_ERRORS` of `problems`, and how many there are (`count`, default ``len(problems)``)."""
+    count = len(problems) if count is None else count
+    if count:
         shown = "; ".join(problems[:_LOGGED_READ_ERRORS])
-        more = f"; and {len(problems) - _LOGGED_READ_ERRORS} more" if len(problems) > _LOGGED_READ_ERRORS else ""
+        more = f"; and {count - _LOGGED_READ_ERRORS} more" if count > _LOGGED_READ_ERRORS else ""
         logger.warning(
             "%s: %d unreadable row(s) kept as bad records (skipped and counted as bad_record): %s%s",
-            path, len(problems), shown, more,
+            path, count, shown, more,
         )
-    return records
 
 
 def load_hf_dataset(
@@ -427,7 +461,9 @@ class TrainingSourceSpec:
         path (`str`): a file, a folder, or a Hub dataset id.
         format (`str`, defaults to ``"auto"``): one of `SOURCE_FORMATS`. ``"auto"``: a ``.json`` file whose first
             entry has ``conversations`` is ShareGPT4V, other ``.json`` / ``.jsonl`` / ``.csv`` / ``.tsv`` files are
-            caption tables, anything else (parquet, arrow, folders, Hub ids) goes to `load_hf_dataset`.
+            caption tables, tar shards (``shards/{00000..00099}.tar``, ``pipe:...``, ``https://.../x.tar``) are
+            ``webdataset`` (a `shards.TarShardSource`), anything else (parquet, arrow, folders, Hub ids) goes to
+            `load_hf_dataset`.
         image_root (`str`, *optional*): folder relative image paths are under (default: the file's folder).
         split (`str`, defaults to ``"train"``): ShareGPT4V: ``train`` / ``holdout`` / ``all``; HF: the split name.
             Ignored by caption tables.
@@ -435,6 +471,10 @@ class TrainingSourceSpec:
         streaming (`bool`, defaults to `False`): HF only: stream.
         image_column / caption_column / short_caption_column / id_column: column names (tables and HF).
         load_kwargs (`dict`): extra `datasets.load_dataset` arguments.
+        record_index (`str`, defaults to ``"auto"``): ShareGPT4V and caption-table files only: ``"auto"`` reads a file
+            of `INDEX_MIN_BYTES` or more through a cached, memory-mapped `RecordIndex` (`hf_longclip.data.index`)
+            and smaller files into a list; ``"always"`` / ``"never"`` force one or the other. Same records either way.
+        index_dir (`str`, *optional*): where record indexes are cached (default: `default_index_dir`).
     """
 
     path: str
@@ -448,6 +488,8 @@ class TrainingSourceSpec:
     short_caption_column: str | None = "short_caption"
     id_column: str | None = "id"
     load_kwargs: dict[str, Any] = field(default_factory=dict)
+    record_index: str = "auto"
+    index_dir: str | None = None
 
 
 def _looks_like_sharegpt4v(path: Path, sniff_bytes: int = 65536) -> bool:
@@ -464,6 +506,10 @@ def _looks_like_sharegpt4v(path: Path, sniff_bytes: int = 65536) -> bool:
 
 def detect_format(path: str | os.PathLike) -> str:
     """The format ``"auto"`` resolves to for `path` (see `TrainingSourceSpec`)."""
+    from .shards import looks_like_shards
+
+    if looks_like_shards(path):  # shards/{00000..00099}.tar, pipe:..., https://.../x.tar (docs/data.md)
+        return "webdataset"
     local = Path(path)
     if local.is_file():
         suffix = local.suffix.lower()
@@ -482,8 +528,8 @@ def open_training_source(spec: TrainingSourceSpec | str | os.PathLike | Mapping[
         **overrides: fields replacing those of `spec` (e.g. ``format="csv"``).
 
     Returns:
-        `list[dict]` of records (ShareGPT4V, tables), or a `datasets.Dataset` / `datasets.IterableDataset` (HF)
-        whose rows have the same keys.
+        `list[dict]` of records (ShareGPT4V, tables; a `RecordIndex` of the same records for a large file, see
+        ``record_index``), or a `datasets.Dataset` / `datasets.IterableDataset` (HF) whose rows have the same keys.
 
     Example:
 
@@ -505,6 +551,15 @@ def open_training_source(spec: TrainingSourceSpec | str | os.PathLike | Mapping[
     if spec.format not in SOURCE_FORMATS:
         raise ValueError(f"unknown format {spec.format!r}; expected one of {SOURCE_FORMATS}")
     kind = detect_format(spec.path) if spec.format == "auto" else spec.format
+    if kind == "webdataset":
+        from .shards import open_shards
+
+        return open_shards(spec.path)
+    if kind in ("sharegpt4v", "jsonl", "json", "csv", "tsv"):
+        from .index import open_indexed_source, use_record_index
+
+        if use_record_index(spec.path, spec.record_index):
+            return open_indexed_source(spec, kind)
     if kind == "sharegpt4v":
         return read_sharegpt4v(spec.path, spec.image_root, split=spec.split, holdout=spec.holdout)
     if kind in ("jsonl", "json", "csv", "tsv"):

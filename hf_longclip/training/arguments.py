@@ -112,9 +112,10 @@ class DataArguments:
 
     train_data: str = field(
         default="synthetic",
-        metadata={"help": "ShareGPT4V JSON, JSONL/CSV/TSV file, a `datasets` id or folder, or 'synthetic'"},
+        metadata={"help": "ShareGPT4V JSON, JSONL/CSV/TSV file, a `datasets` id or folder, webdataset shards "
+                  "('shards/{00000..00099}.tar', pipe:..., URLs; needs max_steps), or 'synthetic'"},
     )
-    data_format: Literal["auto", "sharegpt4v", "jsonl", "csv", "hf", "docci", "synthetic"] = field(
+    data_format: Literal["auto", "sharegpt4v", "jsonl", "csv", "hf", "webdataset", "docci", "synthetic"] = field(
         default="auto",
         metadata={"help": "format of --train_data ('auto' guesses from the name and content; 'docci': the folder "
                   "holding docci/ in the evaluation layout, train split)"},
@@ -127,8 +128,23 @@ class DataArguments:
     )
     hf_split: str = field(default="train", metadata={"help": "split of a `datasets` source"})
     streaming: bool = field(default=False, metadata={"help": "stream a `datasets` source instead of downloading it"})
+    shuffle_buffer: int = field(
+        default=1000,
+        metadata={"help": "webdataset shards: samples in each data worker's shuffle buffer (memory: about that many "
+                  "encoded images per worker; 0: no shuffling within shards)"},
+    )
     holdout: int = field(default=1000, metadata={"help": "ShareGPT4V: leading entries held out (the papers' 1k set)"})
     max_train_samples: int | None = field(default=None, metadata={"help": "use only the first N training samples"})
+    record_index: Literal["auto", "always", "never"] = field(
+        default="auto",
+        metadata={"help": "ShareGPT4V / JSON / JSONL / CSV / TSV files: read through a memory-mapped record index built "
+                  "once and cached ('auto': files of 16 MiB or more; same records either way; docs/data.md)"},
+    )
+    index_dir: str | None = field(
+        default=None,
+        metadata={"help": "where record indexes are cached (default: $HF_LONGCLIP_INDEX_DIR or "
+                  "~/.cache/hf_longclip/index)"},
+    )
     eval_data: str | None = field(
         default=None, metadata={"help": "held-out pairs (JSONL/CSV/ShareGPT4V) for long-caption retrieval R@k"}
     )
@@ -172,6 +188,7 @@ class DataArguments:
         _positive("synthetic_num_eval", self.synthetic_num_eval, allow_zero=True)
         _positive("synthetic_image_size", self.synthetic_image_size)
         _positive("num_workers", self.num_workers, allow_zero=True)
+        _positive("shuffle_buffer", self.shuffle_buffer, allow_zero=True)
         _positive("max_image_pixels", self.max_image_pixels)
         _positive("max_image_bytes", self.max_image_bytes)
         _positive("text_num_proc", self.text_num_proc)

@@ -49,10 +49,14 @@ def training_records(data_args: DataArguments, output_dir: str | os.PathLike):
     else:
         path, fmt, image_root = data_args.train_data, data_args.data_format, data_args.image_root
     if _source_kind(path, fmt) == "sharegpt4v":
+        from ..data.index import open_record_index, use_record_index
         from ..data.sources import read_sharegpt4v
 
         # read whole, then split here: the log needs the file's size, which the train split alone does not give
-        everything = read_sharegpt4v(path, image_root, split="all")
+        if use_record_index(path, data_args.record_index):
+            everything = open_record_index(path, "sharegpt4v", image_root=image_root, index_dir=data_args.index_dir)
+        else:
+            everything = read_sharegpt4v(path, image_root, split="all")
         log_sharegpt4v_holdout(path, data_args.holdout, len(everything))
         return _head(everything[data_args.holdout :], data_args.max_train_samples)
     spec = TrainingSourceSpec(
@@ -65,6 +69,8 @@ def training_records(data_args: DataArguments, output_dir: str | os.PathLike):
         image_column=data_args.image_column,
         caption_column=data_args.caption_column,
         short_caption_column=data_args.short_caption_column,
+        record_index=data_args.record_index,
+        index_dir=data_args.index_dir,
     )
     return _head(open_training_source(spec), data_args.max_train_samples)
 
@@ -116,8 +122,15 @@ def add_caption_hierarchies(records, data_args: DataArguments, cache_dir: str | 
     Lists of records are parsed in one batched pass and cached as JSON next to the run (keyed by a hash of the
     captions), so a restarted run does not parse again; `datasets` sources use ``map`` (cached by `datasets`).
     """
+    from ..data.index import is_record_index
     from ..text.hierarchy import HierarchyMapper, parse_hierarchies
 
+    from ..data.shards import TarShardSource
+
+    if isinstance(records, TarShardSource):  # parsed by make-shards --parse-hierarchy, else by the collator per batch
+        return records
+    if is_record_index(records):
+        records = list(records)  # the parsed hierarchies are held in memory anyway, one per caption
     if not isinstance(records, list):
         return records.map(HierarchyMapper(caption_column="caption"), batched=True,
                            **({"num_proc": data_args.text_num_proc} if hasattr(records, "__len__") else {}))
@@ -151,6 +164,8 @@ def eval_records(data_args: DataArguments, output_dir: str | os.PathLike) -> lis
             image_column=data_args.image_column,
             caption_column=data_args.caption_column,
             short_caption_column=data_args.short_caption_column,
+            record_index=data_args.record_index,
+            index_dir=data_args.index_dir,
         )
         records = open_training_source(spec)
     elif data_args.data_format == "synthetic" or data_args.train_data == "synthetic":
