@@ -12,9 +12,10 @@ from types import ModuleType
 
 #: extra -> the modules it provides (import names) and what needs them.
 EXTRAS: dict[str, tuple[tuple[str, ...], str]] = {
-    "train": (("accelerate", "datasets"), "training"),
+    "train": (("accelerate", "datasets", "webdataset"), "training"),
     "text": (("spacy",), "beta-CLIP's caption parsing (spaCy)"),
     "diffusion": (("diffusers",), "the diffusers long-prompt helpers"),
+    "deepspeed": (("deepspeed",), "DeepSpeed training (accelerate's distributed_type: DEEPSPEED)"),
 }
 
 

@@ -129,8 +129,10 @@ def run_without_package(script: str, timeout: float = 300):
 __all__ = [
     "DEFAULT_WORDS",
     "SCENE_CAPTIONS",
+    "deepspeed_on_cpus",
     "run_without_package",
     "spawn_distributed",
+    "spawn_launched",
     "tiny_clip",
     "tiny_clip_config",
     "tiny_processor",
@@ -189,3 +191,54 @@ def spawn_distributed(function, args: tuple = (), num_processes: int = 2) -> Non
     ):
         worker = functools.partial(_run_then_leave_group, function)
         start_processes(PrepareForLaunch(worker, debug=True), args=args, nprocs=num_processes, start_method="spawn")
+
+
+def spawn_launched(function, args: tuple = (), num_processes: int = 2, env: dict[str, str] | None = None) -> None:
+    """Run ``function(*args)`` in ``num_processes`` spawned CPU processes with the environment a launcher
+    (``accelerate launch``, torchrun) gives each: ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` /
+    ``MASTER_PORT``, plus `env`. Unlike `spawn_distributed`, no process group is created beforehand: the code under
+    test (accelerate, DeepSpeed) creates it, as in a launched run. ``function`` must be importable."""
+    from torch.multiprocessing import start_processes
+
+    start_processes(
+        _launched_entry, args=(function, num_processes, _free_port(), dict(env or {}), args), nprocs=num_processes,
+        start_method="spawn",
+    )
+
+
+def _launched_entry(index: int, function, world: int, port: int, env: dict[str, str], args: tuple) -> None:
+    import os
+
+    os.environ.update(env)
+    os.environ.update(RANK=str(index), LOCAL_RANK=str(index), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
+    _run_then_leave_group(function, *args)
+
+
+def deepspeed_on_cpus() -> None:
+    """Let accelerate run DeepSpeed on CPU processes (tests only; call in each process before building the
+    `Accelerator`).
+
+    accelerate starts DeepSpeed only on its accelerator path (``cpu=False``), where it finds no backend without a
+    GPU and runs one process alone; its CPU path (``cpu=True``) never selects DeepSpeed. This makes the accelerator
+    path take gloo when a launcher started the process and no accelerator backend exists, so DeepSpeed (with its CPU
+    accelerator, ``DS_ACCELERATOR=cpu``) runs over gloo. It patches ``PartialState._prepare_backend``, a private
+    accelerate method (accelerate 1.x).
+    """
+    import os
+
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    original = PartialState._prepare_backend
+    if getattr(original, "_hf_longclip_cpu_shim", False):
+        return
+
+    def prepare_backend(self, cpu=False, sagemaker_dp=False, backend=None):
+        chosen, kind = original(self, cpu, sagemaker_dp, backend)
+        if chosen is None and int(os.environ.get("LOCAL_RANK", "-1")) != -1:
+            return "gloo", DistributedType.MULTI_CPU
+        return chosen, kind
+
+    prepare_backend._hf_longclip_cpu_shim = True
+    PartialState._prepare_backend = prepare_backend

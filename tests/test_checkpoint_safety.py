@@ -142,6 +142,20 @@ def test_model_shape_and_process_count_are_part_of_the_fingerprint():
         check_resume(base, run_fingerprint(settings, small, 2), "ckpt")
 
 
+def test_a_setting_newer_than_the_checkpoint_resumes_at_its_default_only():
+    """A checkpoint written before a setting existed (e.g. shuffle_buffer) resumes while the run leaves that setting at
+    its default (what the older version did), and is refused when it is changed."""
+    from hf_longclip.testing_utils import tiny_variant
+
+    model = tiny_variant("longclip")
+    old = run_fingerprint({"variant": "longclip"}, model, 1)
+    check_resume(old, run_fingerprint({"variant": "longclip", "shuffle_buffer": 1000}, model, 1), "ckpt")
+    with pytest.raises(ValueError, match="shuffle_buffer: '<unset>' -> 7"):
+        check_resume(old, run_fingerprint({"variant": "longclip", "shuffle_buffer": 7}, model, 1), "ckpt")
+    with pytest.raises(ValueError, match="not_a_setting"):  # unknown keys have no default to fall back on
+        check_resume(old, run_fingerprint({"variant": "longclip", "not_a_setting": 1}, model, 1), "ckpt")
+
+
 # ----------------------------------------------------------------------------------------------- storage
 def test_unwritable_output_dir_is_refused_before_any_work(tmp_path, monkeypatch):
     from hf_longclip.training import trainer

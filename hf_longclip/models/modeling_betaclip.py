@@ -333,12 +333,12 @@ class BetaCLIPModel(LongCLIPModel):
         return self.get_text_features(input_ids=input_ids[:, :length], return_dict=True, **tower_kwargs)
 
     def sharding_conflicts(self) -> list[str]:
-        """Base conflicts, plus: sentence and phrase rows are encoded only when present, in
-        ``min(text_length_buckets, rows)`` calls (`encode_text_rows`), so the number of text-tower calls per step
-        depends on each process's data."""
-        return [*super().sharding_conflicts(), "beta-CLIP encodes only the sentence and phrase rows a micro-batch has "
-                "(in up to text_length_buckets calls), so the number of text-tower calls per step depends on each "
-                "process's data"]
+        """Base conflicts, plus: sentence and phrase rows are encoded only when present (one packed call, or up to
+        ``text_length_buckets`` calls per granularity unpacked), so the number of text-tower calls per step depends
+        on each process's data."""
+        return [*super().sharding_conflicts(), ("beta-CLIP encodes only the sentence and phrase rows a micro-batch "
+                "has (one packed call, or up to text_length_buckets calls per granularity), so the number of "
+                "text-tower calls per step depends on each process's data")]
 
     def encode_text_rows(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, buckets: int = 1

@@ -310,6 +310,15 @@ class FixCLIPModel(LongCLIPModel):
                 init.constant_(module.short_logit_scale, float(module.config.logit_scale_init_value))
                 init.constant_(module.group_logit_scale, float(module.config.logit_scale_init_value))
 
+    def sharding_units(self) -> list[nn.Module]:
+        """The base units, less the image embeddings when the short branch masks before the position embedding:
+        `_embed` then runs the embedding's parts itself, outside its ``forward``, so its parameters stay in the root
+        unit (the regional prompts, a parameter holder without a ``forward``, are there already)."""
+        units = super().sharding_units()
+        if self.config.mask_before_position_embedding:
+            units = [unit for unit in units if unit is not self.vision_model.embeddings]
+        return units
+
     def _check_attention_kernel(self) -> None:
         if self.regional_prompts is None:
             return

@@ -157,8 +157,8 @@ class MulCLIPModel(LongCLIPModel):
     def sharding_conflicts(self) -> list[str]:
         """Base conflicts, plus: a micro-batch without valid subcaptions skips the text tower's subcaption call, so
         processes run the text tower a data-dependent number of times (`encode_subcaptions`)."""
-        return [*super().sharding_conflicts(), "MulCLIP encodes subcaptions only when a micro-batch has some, so the "
-                "number of text-tower calls per step depends on each process's data"]
+        return [*super().sharding_conflicts(), ("MulCLIP encodes subcaptions only when a micro-batch has some, so "
+                "the number of text-tower calls per step depends on each process's data")]
 
     def encode_subcaptions(
         self,

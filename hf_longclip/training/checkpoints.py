@@ -10,12 +10,14 @@ run in another run's folder, is refused with the difference. See docs/training.m
 from __future__ import annotations
 
 import errno
+import dataclasses
 import hashlib
 import json
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +31,7 @@ RESUMABLE_CHANGES = frozenset({
     "save_total_limit", "eval_steps", "eval_before_training", "eval_batch_size", "eval_data", "eval_format",
     "eval_split", "max_eval_samples", "report_to", "tracker_project", "disable_progress_bar", "num_workers",
     "text_cache_dir", "text_num_proc", "strict", "save_final_model", "push_to_hub", "hub_model_id", "hub_private",
-    "hub_revision",
+    "hub_revision", "record_index", "index_dir",
 })
 #: Files of a checkpoint written by earlier versions that held pickled objects (the scheduler); never loaded.
 _PICKLED_CUSTOM_STATE = "custom_checkpoint_*.pkl"
@@ -90,13 +92,33 @@ def run_fingerprint(settings: dict[str, Any], model, num_processes: int) -> dict
     }
 
 
+def setting_defaults() -> dict[str, Any]:
+    """Every training setting's default (the settings groups' dataclass defaults)."""
+    from .arguments import DataArguments, ModelArguments, TrainingArguments
+
+    defaults: dict[str, Any] = {}
+    for group in (ModelArguments, DataArguments, TrainingArguments):
+        for item in dataclasses.fields(group):
+            if item.default is not dataclasses.MISSING:
+                defaults[item.name] = item.default
+            elif item.default_factory is not dataclasses.MISSING:
+                defaults[item.name] = item.default_factory()
+    return defaults
+
+
 def check_resume(saved: dict[str, Any], current: dict[str, Any], checkpoint: str | os.PathLike) -> None:
-    """Refuse (`ValueError` listing every difference) to resume `checkpoint` under a different run fingerprint."""
+    """Refuse (`ValueError` listing every difference) to resume `checkpoint` under a different run fingerprint.
+
+    A setting the checkpoint does not record (added by a later version of the package) is no difference while the
+    current run leaves it at its default, which is what the earlier version did."""
     if not saved:
         return
     lines = []
     old, new = saved.get("settings", {}), current["settings"]
+    defaults = setting_defaults()
     for key in sorted(set(old) | set(new)):
+        if key not in old and key in defaults and new.get(key) == defaults[key]:
+            continue
         if old.get(key, "<unset>") != new.get(key, "<unset>"):
             lines.append(f"{key}: {old.get(key, '<unset>')!r} -> {new.get(key, '<unset>')!r}")
     if saved.get("num_processes") != current["num_processes"]:
@@ -152,9 +174,13 @@ def _megabytes(count: int) -> str:
 
 
 def save_checkpoint(
-    accelerator, output_dir: str | os.PathLike, step: int, state: dict[str, Any], keep: int, needed_bytes: int = 0
+    accelerator, output_dir: str | os.PathLike, step: int, state: dict[str, Any], keep: int, needed_bytes: int = 0,
+    write_state: Callable[[str], None] | None = None,
 ) -> Path:
     """Save the accelerator state and `state` as checkpoint ``step``; every process must call this.
+
+    `write_state` (called on every process with the temporary folder) replaces ``accelerator.save_state``: sharded
+    training writes its own safetensors shards (`hf_longclip.training.sharding.save_sharded_state`).
 
     The files go to a temporary folder that the main process renames once everything (the trainer state last) is
     on disk, then old checkpoints beyond `keep` are removed. A failed write (a full disk) on any process removes the
@@ -170,7 +196,10 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     failure: OSError | None = None
     try:
-        accelerator.save_state(str(tmp), safe_serialization=True)
+        if write_state is None:
+            accelerator.save_state(str(tmp), safe_serialization=True)
+        else:
+            write_state(str(tmp))
         if accelerator.is_main_process:
             with open(tmp / STATE_FILE, "w", encoding="utf-8") as handle:
                 json.dump(state, handle, indent=2)

@@ -29,6 +29,7 @@ from ..data import (
     transform_from_processor,
     validate_records,
 )
+from ..data.index import is_record_index
 from ..extras import require
 from ..variants import get_variant
 from .accumulation import average_gradients, cached_accumulation_step
@@ -56,6 +57,24 @@ from .data import (
 )
 from .optim import build_scheduler, parameter_groups, schedules_for_groups
 from .setup import build_model_and_processor
+from .sharding import (
+    DEEPSPEED,
+    FSDP2_ACCELERATE,
+    FSDP2_TRAINER,
+    check_deepspeed,
+    check_shardable,
+    deepspeed_configured,
+    fill_deepspeed_config,
+    fsdp2_options_from_accelerate,
+    full_state_dict,
+    has_sharded_state,
+    is_sharded,
+    load_sharded_state,
+    save_sharded_state,
+    shard_model,
+    sharding_engine,
+    zero_stage,
+)
 
 logger = logging.getLogger("hf_longclip.train")
 
@@ -159,9 +178,11 @@ def run(model_args: ModelArguments, data_args: DataArguments, train_args: Traini
     """
     require("accelerate", "train")
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, DistributedType
+    from accelerate.utils import DistributedDataParallelKwargs
 
     check_mixed_precision(train_args.mixed_precision)
+    if deepspeed_configured():
+        require("deepspeed", "deepspeed")
     output_dir = Path(train_args.output_dir)
     check_output_dir(output_dir, resuming=train_args.resume_from_checkpoint is not None,
                      overwrite=train_args.overwrite_output_dir)
@@ -177,7 +198,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, train_args: Traini
         # The model says whether a step can leave a trainable parameter without a gradient (no variant's default
         # configuration does: such parameters are frozen or get an exact zero gradient).
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=model.ddp_find_unused_parameters)],
-        cpu=_launched_on_cpus(),
+        # DeepSpeed only runs through accelerate's accelerator (GPU) path; cpu=True would silently drop it for DDP
+        cpu=_launched_on_cpus() and not deepspeed_configured(),
     )
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > 1 and accelerator.num_processes != launched:
@@ -185,15 +207,21 @@ def run(model_args: ModelArguments, data_args: DataArguments, train_args: Traini
             f"the launcher started {launched} processes, but accelerate joined {accelerator.num_processes} "
             f"({accelerator.distributed_type}); each would train alone into the same folder. On CPUs set "
             "ACCELERATE_USE_CPU=1; otherwise check `accelerate config`"
+            + (" (DeepSpeed through accelerate needs GPUs: on CPUs use DDP or FSDP2)" if deepspeed_configured() else "")
         )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     if not accelerator.is_main_process:
         logging.getLogger("hf_longclip").setLevel(logging.WARNING)
-    if cached and accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+    engine = sharding_engine(accelerator)  # ddp, fsdp2 (accelerate's, GPUs), fsdp2-trainer (CPUs) or deepspeed
+    if engine == DEEPSPEED:
+        check_deepspeed(accelerator, save_final_model=train_args.save_final_model)
+    if cached and engine == DEEPSPEED:
         raise ValueError(
-            "accumulation_mode 'cached' runs the unwrapped model and averages gradients itself, which sharded "
-            f"training ({accelerator.distributed_type}) does not allow; use accumulation_mode: naive"
+            "accumulation_mode 'cached' runs several backward passes per step outside the DeepSpeed engine, which "
+            "DeepSpeed does not allow; use accumulation_mode: naive, or FSDP2 (where cached accumulation works)"
         )
+    if engine in (FSDP2_ACCELERATE, FSDP2_TRAINER) or zero_stage(accelerator) == 3:
+        check_shardable(model)  # e.g. a data-dependent number of tower calls per step: refused before any work
     rank, world = accelerator.process_index, accelerator.num_processes
 
     # ---------------------------------------------------------------- data
@@ -206,7 +234,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, train_args: Traini
         held_out = eval_records(data_args, output_dir)
         hard_negatives = synthetic_hard_negatives(data_args, output_dir)
     streaming = not hasattr(records, "__len__")
-    if isinstance(records, list):
+    if isinstance(records, list) or is_record_index(records):
         report = validate_records(records, strict=data_args.strict, check_files=data_args.strict,
                                   max_image_bytes=data_args.max_image_bytes)
         if report.num_bad:
@@ -219,7 +247,13 @@ def run(model_args: ModelArguments, data_args: DataArguments, train_args: Traini
     if streaming:
         if train_args.max_steps <= 0:
             raise ValueError("a streamed data set has no length: set max_steps")
-        dataset = IterableLongCaptionDataset(records, transform, rank=rank, world_size=world, **common)
+        from ..data.shards import TarShardSource
+
+        if isinstance(records, TarShardSource):  # webdataset shards: split by shard, shuffled, fast resume
+            dataset = records.dataset(transform, rank=rank, world_size=world, seed=train_args.seed,
+                                      shuffle_buffer=data_args.shuffle_buffer, **common)
+        else:
+            dataset = IterableLongCaptionDataset(records, transform, rank=rank, world_size=world, **common)
     else:
         dataset = LongCaptionDataset(records, transform, seed=train_args.seed, **common)
     collator = SeededCollator(
@@ -242,6 +276,12 @@ def run(model_args: ModelArguments, data_args: DataArguments, train_args: Traini
     total_steps = train_args.max_steps if train_args.max_steps > 0 else math.ceil(train_args.num_train_epochs * steps_per_epoch)
     warmup = train_args.warmup_steps or int(train_args.warmup_ratio * total_steps)
 
+    # The run's identity comes from the whole model, before sharding leaves each process a part of it.
+    settings = arguments_to_dict(model_args, data_args, train_args)
+    fingerprint = run_fingerprint(settings, model, world)
+    sharded = None  # FSDP2: the units are the model's own (the same on GPUs and CPUs), applied before the optimizer
+    if engine in (FSDP2_ACCELERATE, FSDP2_TRAINER):
+        sharded = shard_model(model, accelerator.device, **fsdp2_options_from_accelerate(accelerator))
     groups = parameter_groups(
         model, train_args.learning_rate, train_args.weight_decay, train_args.head_learning_rate,
         train_args.weight_decay_filter,
@@ -254,12 +294,15 @@ def run(model_args: ModelArguments, data_args: DataArguments, train_args: Traini
         train_args.head_min_learning_rate, train_args.head_warmup_steps,
     )
     scheduler = build_scheduler(optimizer, total_steps, schedules, train_args.lr_scheduler_type)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if engine == FSDP2_TRAINER:  # accelerate runs these as CPU processes and would wrap the model in DDP
+        optimizer = accelerator.prepare(optimizer)
+    else:
+        if engine == DEEPSPEED:
+            fill_deepspeed_config(accelerator, per_device, train_args.max_grad_norm)
+        model, optimizer = accelerator.prepare(model, optimizer)
     # The scheduler is not registered with accelerate (which pickles it and unpickles it with weights_only=False):
     # the schedule is a function of the step, so a resumed run rebuilds it from the step in the trainer state.
     unwrapped = accelerator.unwrap_model(model)
-    settings = arguments_to_dict(model_args, data_args, train_args)
-    fingerprint = run_fingerprint(settings, unwrapped, world)
     free = shutil.disk_usage(output_dir).free
     if free < checkpoint_bytes(output_dir, unwrapped):
         logger.warning("only %.0f MiB free in %s, less than one checkpoint (about %.0f MiB)", free / 2**20,
@@ -289,8 +332,24 @@ def run(model_args: ModelArguments, data_args: DataArguments, train_args: Traini
                     "are not loaded because unpickling can run code. The schedule is rebuilt from the step: delete "
                     "these files to resume from this checkpoint"
                 )
+            if engine == DEEPSPEED:
+                raise ValueError(
+                    f"{checkpoint}: resuming a DeepSpeed run is not supported: DeepSpeed's checkpoint loader "
+                    "unpickles its files (torch.load with weights_only=False), which can run code. FSDP2 runs resume "
+                    "from checkpoints that are only safetensors and JSON"
+                )
+            if has_sharded_state(checkpoint) != (sharded is not None):
+                raise ValueError(
+                    f"{checkpoint} was saved {'with' if has_sharded_state(checkpoint) else 'without'} FSDP2 "
+                    f"sharding; resume it {'with' if has_sharded_state(checkpoint) else 'without'} FSDP2 (the same "
+                    "accelerate configuration)"
+                )
             try:
-                accelerator.load_state(str(checkpoint))
+                if sharded is not None:  # safetensors shards and JSON only
+                    load_sharded_state(model, optimizer, checkpoint)
+                    _load_scaler_state(accelerator, checkpoint)
+                else:
+                    accelerator.load_state(str(checkpoint))
             except pickle.UnpicklingError as error:  # weights_only refused an object: never load it
                 first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
                 raise ValueError(f"{checkpoint} cannot be loaded safely (only tensors and plain data are): {first}") \
@@ -299,6 +358,9 @@ def run(model_args: ModelArguments, data_args: DataArguments, train_args: Traini
                        if k in RESUMABLE_CHANGES and "settings" in saved and saved["settings"].get(k) != v}
             for key, (before, after) in sorted(changed.items()):
                 logger.info("changed on resume (allowed): %s %r -> %r", key, before, after)
+            if streaming and "num_workers" in changed:  # a stream is split over (process, worker) slots
+                raise ValueError(f"{checkpoint}: a streamed data set's order depends on num_workers; resume with "
+                                 f"--num_workers {changed['num_workers'][0]}")
             state.update({k: v for k, v in saved.items() if k not in ("fingerprint", "settings")})
             with warnings.catch_warnings():  # "scheduler stepped before the optimizer": intended here
                 warnings.simplefilter("ignore")
@@ -312,17 +374,28 @@ def run(model_args: ModelArguments, data_args: DataArguments, train_args: Traini
                                                                       if isinstance(v, (int, float, str, bool))})
     evaluations: dict[str, dict] = {}
     eval_set = retrieval_set(held_out) if held_out else None
-    can_eval = eval_set is not None and accelerator.distributed_type not in (DistributedType.FSDP,)
+    can_eval = eval_set is not None
+    # With parameters sharded per module (FSDP2, ZeRO-3) every forward gathers them collectively: every process
+    # evaluates the same held-out set, the main one reports.
+    collective_eval = sharded is not None or zero_stage(accelerator) == 3
 
     def evaluate(tag: str) -> None:
-        if can_eval and accelerator.is_main_process:
-            metrics = evaluate_heldout(unwrapped, processor, eval_set, train_args.eval_batch_size, accelerator.device)
+        if can_eval and (accelerator.is_main_process or collective_eval):
+            evaluated = unwrapped
+            if zero_stage(accelerator) == 3:  # a whole copy on the main process, gathered by every process
+                whole = accelerator.get_state_dict(model)
+                if not accelerator.is_main_process:
+                    return accelerator.wait_for_everyone()
+                evaluated = _unsharded_copy(unwrapped, whole, accelerator).to(accelerator.device)
+            metrics = evaluate_heldout(evaluated, processor, eval_set, train_args.eval_batch_size, accelerator.device)
             binding = ""
             if hard_negatives is not None:
-                metrics.update(evaluate_attribute_binding(unwrapped, processor, hard_negatives,
+                metrics.update(evaluate_attribute_binding(evaluated, processor, hard_negatives,
                                                           train_args.eval_batch_size, accelerator.device))
                 binding = (f"  attribute binding {metrics['attribute_binding_accuracy']:.1f}% "
                            f"(chance {metrics['attribute_binding_chance']:.1f}%)")
+            if not accelerator.is_main_process:
+                return accelerator.wait_for_everyone()
             evaluations[tag] = metrics
             logger.info("eval (%s, %d held-out pairs): t2i R@1 %.1f  i2t R@1 %.1f%s", tag, metrics.get("num_texts", 0),
                         metrics.get("t2i_R@1", float("nan")), metrics.get("i2t_R@1", float("nan")), binding)
@@ -341,11 +414,28 @@ def run(model_args: ModelArguments, data_args: DataArguments, train_args: Traini
                 for part in counts:
                     skipped.update(part)
 
+    def finish_gradients() -> None:
+        """Before an optimiser step: the replicated parameters' gradients averaged (FSDP2 leaves 0-dim parameters to
+        us), then every gradient clipped to max_grad_norm."""
+        if sharded is not None:
+            sharded.sync_replicated_gradients()
+            if train_args.max_grad_norm > 0:
+                accelerator.unscale_gradients()
+                sharded.clip_grad_norm_(train_args.max_grad_norm)
+        elif train_args.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(model.parameters(), train_args.max_grad_norm)
+
+    def write_sharded_state(folder: str) -> None:
+        save_sharded_state(model, optimizer, folder)
+        if accelerator.is_main_process:
+            _save_scaler_state(accelerator, folder)
+
     def checkpoint() -> None:
         merge_skip_counts()
         state["skipped"] = skipped.as_dict()
         path = save_checkpoint(accelerator, output_dir, state["global_step"], dict(state), train_args.save_total_limit,
-                               needed_bytes=checkpoint_bytes(output_dir, unwrapped))
+                               needed_bytes=checkpoint_bytes(output_dir, unwrapped),
+                               write_state=None if sharded is None else write_sharded_state)
         logger.info("checkpoint %s", path)
 
     if train_args.eval_before_training and state["global_step"] == 0:
@@ -371,6 +461,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, train_args: Traini
             collator.set_epoch(state["epoch"])
             dataset.set_epoch(state["epoch"])
             if streaming:
+                dataset.skip_batches(state["batch_in_epoch"], per_device)  # shards: skipped without decoding
                 loader = DataLoader(dataset, batch_size=per_device, collate_fn=batch_collator,
                                     num_workers=data_args.num_workers, drop_last=True)
                 batches = iter(loader)
@@ -394,7 +485,12 @@ def run(model_args: ModelArguments, data_args: DataArguments, train_args: Traini
                     if batch.get("strict_error"):  # --strict: a bad sample (read in a data worker or not)
                         raise ValueError(batch["strict_error"])
                     micro.append(batch)
+                if streaming and world > 1:  # streams differ in length: every process ends the epoch together
+                    flag = torch.tensor([1.0 if exhausted else 0.0], device=accelerator.device)
+                    exhausted = bool(accelerator.reduce(flag, reduction="sum").item() > 0)
                 if exhausted:
+                    if streaming and state["batch_in_epoch"] == 0:  # else the next epoch would be empty too
+                        raise ValueError(f"the training stream gave no full batch of {per_device} in an epoch")
                     break
                 for batch in micro:
                     skipped.update(batch.pop("skipped", None))
@@ -414,9 +510,9 @@ def run(model_args: ModelArguments, data_args: DataArguments, train_args: Traini
                 if cached:
                     output = cached_accumulation_step(unwrapped, micro, step_kwargs, backward=accelerator.backward,
                                                       autocast=accelerator.autocast)
-                    average_gradients(unwrapped.parameters(), world)
-                    if train_args.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(model.parameters(), train_args.max_grad_norm)
+                    if sharded is None:  # FSDP2 reduced the units' gradients in each backward pass
+                        average_gradients(unwrapped.parameters(), world)
+                    finish_gradients()
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                     terms = loss_terms(output)
@@ -427,8 +523,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, train_args: Traini
                             with accelerator.autocast():
                                 output = model(**batch, return_loss=True, **step_kwargs)
                             accelerator.backward(output.loss)
-                            if accelerator.sync_gradients and train_args.max_grad_norm > 0:
-                                accelerator.clip_grad_norm_(model.parameters(), train_args.max_grad_norm)
+                            if accelerator.sync_gradients:
+                                finish_gradients()
                             optimizer.step()
                             optimizer.zero_grad(set_to_none=True)
                         for key, value in loss_terms(output).items():
@@ -472,7 +568,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, train_args: Traini
                     checkpoint()
                 if train_args.eval_steps and step % train_args.eval_steps == 0 and step < total_steps:
                     evaluate(f"step-{step}")
-            if exhausted or streaming:
+            if exhausted:  # not when stopping at stop_at: a checkpoint then keeps the place inside the epoch
                 state["epoch"] += 1
                 state["batch_in_epoch"] = 0
     if progress is not None:
@@ -512,17 +608,62 @@ def run(model_args: ModelArguments, data_args: DataArguments, train_args: Traini
     return summary
 
 
+def is_deepspeed_zero3_enabled() -> bool:
+    try:
+        from transformers.integrations import is_deepspeed_zero3_enabled as enabled
+    except ImportError:
+        return False
+    return bool(enabled())
+
+
+def _unsharded_copy(model, state_dict: dict[str, torch.Tensor], accelerator):
+    """A plain model of `model`'s variant and config holding the gathered `state_dict` (every tensor of the whole
+    model, loaded strictly), built by this process alone."""
+    import copy
+
+    zero3 = is_deepspeed_zero3_enabled()
+    if zero3:  # transformers would build it under deepspeed.zero.Init, partitioned by a collective of all processes
+        from transformers.integrations import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+    try:
+        whole = get_variant(model).model_class(copy.deepcopy(model.config))
+    finally:
+        if zero3:
+            accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
+    whole.load_state_dict(model.merge_frozen_rows(dict(state_dict)))
+    return whole
+
+
+def _save_scaler_state(accelerator, folder: str) -> None:
+    """The fp16 loss scaler's state (plain numbers) as JSON next to a sharded checkpoint."""
+    scaler = getattr(accelerator, "scaler", None)
+    if scaler is not None:
+        state = {k: v for k, v in scaler.state_dict().items() if isinstance(v, (int, float, bool))}
+        (Path(folder) / "scaler.json").write_text(json.dumps(state), encoding="utf-8")
+
+
+def _load_scaler_state(accelerator, folder) -> None:
+    scaler, file = getattr(accelerator, "scaler", None), Path(folder) / "scaler.json"
+    if scaler is not None and file.is_file():
+        scaler.load_state_dict(json.loads(file.read_text(encoding="utf-8")))
+
+
 def save_final(accelerator, model, processor, output_dir: Path, settings, evaluations, model_args, data_args,
                train_args) -> None:
     """``save_pretrained`` of the model (safetensors + config + code for remote loading), the processor, a model
     card draft with the run's settings and held-out results, and the optional Hub push."""
     from ..hub import push_to_hub, save_for_hub
 
-    state_dict = accelerator.get_state_dict(model)  # gathers sharded (FSDP / ZeRO-3) weights
+    # every process takes part in gathering sharded weights (FSDP2 units, ZeRO-3 partitions) to the main one
+    state_dict = full_state_dict(model) if is_sharded(model) else accelerator.get_state_dict(model)
     if not accelerator.is_main_process:
         return
     unwrapped = accelerator.unwrap_model(model)
-    unwrapped.load_state_dict(state_dict)
+    if is_sharded(unwrapped) or zero_stage(accelerator) == 3:  # it holds shards: save a whole copy
+        unwrapped = _unsharded_copy(unwrapped, state_dict, accelerator)
+    else:
+        unwrapped.load_state_dict(state_dict)
     results = None
     if evaluations.get("after"):
         results = {"model": str(output_dir), "benchmarks": {"heldout": evaluations["after"]}}
