@@ -19,6 +19,8 @@ Usage::
     python benchmarks/bench_training.py                     # model steps: stock + every variant, batch 16, fp32 CPU
     python benchmarks/bench_training.py --variants longclip,betaclip --batch-size 8 --steps 2
     python benchmarks/bench_training.py --variants longclip,fixclip --extra fixclip-drop fixclip '{"masked_patches": "drop"}'
+    python benchmarks/bench_training.py --variants longclip,betaclip --extra betaclip-before betaclip \
+        '{"pack_query_texts": false, "memory_efficient_activations": false}'   # before issue 20's changes
     python benchmarks/bench_training.py --trainer --no-steps   # the training script only
     python benchmarks/bench_training.py --quickstart-only   # only the quickstart's wall time
     python benchmarks/bench_training.py --tiny              # small shapes: a smoke test in seconds
@@ -183,7 +185,13 @@ def step_child(label: str, variant: str, fields: str, base: str, table: str, bat
             for example, parsed in zip(examples, parse_hierarchies([e["caption"] for e in examples])):
                 example.update({k: parsed[k] for k in entry.record_fields if k in parsed})
         collator = entry.make_collator(processor, seed=0)
-        model = entry.model_class.from_clip(base, **json.loads(fields))
+        fields = json.loads(fields)
+        efficient = fields.pop("memory_efficient_activations", True)  # False: transformers' QuickGELU (the "before")
+        model = entry.model_class.from_clip(base, **fields)
+        if not efficient:
+            from hf_longclip.models.activations import use_memory_efficient_activations
+
+            use_memory_efficient_activations(model, False)
         keep = None
     batch = collator(examples)
     batch = {k: v.to(device) for k, v in batch.items() if keep is None or k in keep}
