@@ -19,16 +19,8 @@ from safetensors.torch import load_file
 from hf_longclip.testing_utils import spawn_distributed, spawn_launched, tiny_variant
 
 ROOT = Path(__file__).resolve().parents[1]
-QUICKSTART = ROOT / "training_scripts" / "configs" / "quickstart.yaml"
 FSDP2_ENV = {"accelerate_use_fsdp": "true", "fsdp_version": "2"}
 
-#: A small model and data set (as tests/test_train_script.py).
-TINY = [
-    "--base", "tiny-random", "--tiny_hidden_size", "32", "--tiny_num_layers", "2", "--tiny_num_heads", "4",
-    "--tiny_projection_dim", "32", "--tiny_image_size", "48", "--tiny_patch_size", "16",
-    "--synthetic_image_size", "48", "--num_workers", "0", "--disable_progress_bar", "true",
-    "--learning_rate", "1e-3", "--warmup_steps", "2", "--weight_decay_filter", "matrices",
-]
 #: Parameters whose true gradient is exactly 0 (attention key biases: a softmax ignores a constant shift; FineLIP's
 #: aggregation output bias: the softmax over tokens cancels it). Float noise is their gradient, which Adam turns into
 #: full-size steps of random sign, so no two runs share them.
@@ -42,17 +34,10 @@ def train(*flags) -> dict:
 
 
 def _flags(out_dir, variant: str, per_device: int, accum: int, *extra) -> list:
-    flags = [
-        "--config", QUICKSTART, *TINY, "--variant", variant, "--output_dir", out_dir,
-        "--image_root", Path(out_dir).parent / "data", "--synthetic_num_train", 64, "--synthetic_num_eval", 0,
-        "--per_device_train_batch_size", per_device, "--gradient_accumulation_steps", accum, "--max_steps", 3,
-        "--save_steps", 0, "--eval_before_training", "false", "--logging_steps", 1,
-    ]
-    if variant == "longclip":
-        flags += ["--model_config", '{"pca_components": 4, "pca_scope": "global"}']
-    else:
-        flags += ["--model_config", '{"hinge_warmup": false}', "--head_learning_rate", "1e-3"]
-    return [*flags, *extra]
+    """tests/test_train_script.py's multi-process flags (a tiny quickstart run of 3 steps) plus `extra`."""
+    from test_train_script import _distributed_flags
+
+    return [*_distributed_flags(out_dir, variant, per_device, accum), *extra]
 
 
 def _fsdp2_worker(out_dir, variant, per_device, accum, extra):
