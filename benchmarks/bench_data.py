@@ -35,7 +35,7 @@ Usage::
 
     python benchmarks/bench_data.py                        # 1.2M entries (writes ~1.3 GB of JSON + ~1.2 GB index)
     python benchmarks/bench_data.py --records 100000 --batches 10
-    python benchmarks/bench_data.py --modes index-cold,index-warm --keep /tmp/bench_data
+    python benchmarks/bench_data.py --modes index-cold,index-warm --keep bench_data_cache   # keep the generated data for a rerun
 
 The machine may be shared: times are upper bounds.
 """
